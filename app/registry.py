@@ -1,0 +1,167 @@
+"""What each endpoint serves: models discovered from ``/v1/models`` and ``/props``.
+
+A llama.cpp server answers to its ``/v1/models`` id (the ``--alias``, or the model path as
+given on its command line), to any extra aliases it lists, and to its GGUF file's base
+name. Clients never see a filesystem path: an id that is a path is listed by base name.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import Endpoint
+from .errors import UpstreamError
+from .upstream import UpstreamPool
+
+log = logging.getLogger(__name__)
+
+
+def base_name(model_id: str) -> str:
+    """``/models/llama-3.1-8b.gguf`` -> ``llama-3.1-8b.gguf``; other ids pass unchanged."""
+    return model_id.replace("\\", "/").rsplit("/", 1)[-1]
+
+
+def name_key(name: str) -> str:
+    """How names compare: case-insensitively, with or without a ``.gguf`` suffix."""
+    key = name.strip().lower()
+    return key[:-5] if key.endswith(".gguf") else key
+
+
+@dataclass
+class EndpointState:
+    """What the proxy knows about one endpoint."""
+
+    endpoint: Endpoint
+    models: list[dict[str, Any]] = field(default_factory=list)
+    names: frozenset[str] = frozenset()
+    props: dict[str, Any] = field(default_factory=dict)
+    discovered_at: float | None = None
+    attempted_at: float = 0.0
+    reachable: bool | None = None
+    last_error: str | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def primary_model(self) -> str | None:
+        """The name this endpoint's model is listed under."""
+        return self.models[0]["id"] if self.models else None
+
+    def serves(self, keys: Iterable[str]) -> bool:
+        """True if any of the name keys is one of this endpoint's names."""
+        return any(k in self.names for k in keys)
+
+    def native_name(self, keys: Iterable[str]) -> str | None:
+        """The listed model id that one of ``keys`` names on this endpoint."""
+        for model in self.models:
+            if any(k in model["_keys"] for k in keys):
+                return str(model["id"])
+        return None
+
+
+def parse_models(document: Any, props: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Model entries from a ``/v1/models`` body, ids made client-facing, with name keys."""
+    entries = document.get("data") if isinstance(document, dict) else None
+    out: list[dict[str, Any]] = []
+    model_path = (props or {}).get("model_path")
+    entries = entries if isinstance(entries, list) else []
+    for entry in entries:
+        if not isinstance(entry, dict) or not entry.get("id"):
+            continue
+        model = copy.deepcopy(entry)
+        raw_id = str(entry["id"])
+        model["id"] = base_name(raw_id)
+        names = {raw_id, model["id"]}
+        aliases = entry.get("aliases")
+        if isinstance(aliases, list):
+            names.update(str(a) for a in aliases if a)
+        if isinstance(model_path, str) and model_path and len(entries) == 1:
+            names.add(base_name(model_path))
+        model["_keys"] = frozenset(name_key(n) for n in names)
+        out.append(model)
+    return out
+
+
+class Registry:
+    """Discovered state of every configured endpoint."""
+
+    def __init__(self, endpoints: tuple[Endpoint, ...], pool: UpstreamPool,
+                 retry_after: float = 2.0) -> None:
+        self.states = {e.name: EndpointState(e) for e in endpoints}
+        self.pool = pool
+        self.retry_after = retry_after
+
+    def __iter__(self) -> Any:
+        return iter(self.states.values())
+
+    def discover(self, state: EndpointState) -> bool:
+        """Read ``/v1/models`` and ``/props`` from one endpoint; False if it did not answer."""
+        endpoint = state.endpoint
+        with state.lock:
+            state.attempted_at = time.monotonic()
+            try:
+                status, document = self.pool.get_json(endpoint, endpoint.model_url,
+                                                       endpoint.check_timeout)
+                if status != 200:
+                    raise UpstreamError(f"{endpoint.model_url} answered {status}")
+                props_status, props = self.pool.get_json(endpoint, "/props",
+                                                         endpoint.check_timeout)
+            except UpstreamError as exc:
+                state.reachable = False
+                state.last_error = exc.message
+                log.warning("discovery failed for %s: %s", endpoint.name, exc.message)
+                return False
+            state.props = props if props_status == 200 and isinstance(props, dict) else {}
+            state.models = parse_models(document, state.props)
+            state.names = frozenset().union(*(m["_keys"] for m in state.models))
+            state.discovered_at = time.monotonic()
+            state.reachable = True
+            state.last_error = None
+            return True
+
+    def discover_many(self, states: list[EndpointState]) -> None:
+        """Discover several endpoints concurrently."""
+        if len(states) == 1:
+            self.discover(states[0])
+        elif states:
+            with ThreadPoolExecutor(max_workers=min(8, len(states))) as executor:
+                list(executor.map(self.discover, states))
+
+    def due(self, state: EndpointState, max_age: float | None = None) -> bool:
+        """Whether an endpoint should be (re)discovered now."""
+        now = time.monotonic()
+        if now - state.attempted_at < self.retry_after:
+            return False
+        if state.discovered_at is None:
+            return True
+        return max_age is not None and now - state.discovered_at > max_age
+
+    def refresh(self, max_age: float | None = None) -> None:
+        """Discover the endpoints never discovered (or older than ``max_age`` seconds)."""
+        self.discover_many([s for s in self.states.values() if self.due(s, max_age)])
+
+    def mark_unreachable(self, state: EndpointState, reason: str) -> None:
+        """Record that a request could not reach an endpoint."""
+        state.reachable = False
+        state.last_error = reason
+
+    def mark_reachable(self, state: EndpointState) -> None:
+        """Record that an endpoint answered a request."""
+        state.reachable = True
+
+    def models(self) -> list[dict[str, Any]]:
+        """Reachable endpoints' models merged into one OpenAI list, de-duplicated by id."""
+        seen: dict[str, dict[str, Any]] = {}
+        for state in sorted(self.states.values(), key=lambda s: -s.endpoint.priority):
+            if not state.reachable:
+                continue
+            for model in state.models:
+                if model["id"] not in seen:
+                    seen[model["id"]] = {k: v for k, v in model.items() if k != "_keys"}
+        return list(seen.values())

@@ -1,0 +1,41 @@
+"""Relay an upstream body to the client chunk by chunk, closing the upstream on every path."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+
+from .errors import UpstreamError
+from .upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+
+def sse_error_event(message: str, openai: bool) -> bytes:
+    """The final SSE event(s) a client gets when the upstream breaks mid-stream."""
+    event = {"error": {"message": message, "type": "server_error", "code": "upstream_error"}}
+    out = b"data: " + json.dumps(event).encode() + b"\n\n"
+    if openai:
+        out += b"data: [DONE]\n\n"
+    return out
+
+
+def relay(upstream: Upstream, *, openai: bool, endpoint: str) -> Iterator[bytes]:
+    """Yield the upstream's raw chunks as they arrive.
+
+    The WSGI server closes this generator when the client goes away (its next write
+    fails); ``finally`` then closes the upstream connection, which is what makes
+    llama.cpp stop generating and free the slot.
+    """
+    sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+    try:
+        for chunk in upstream.chunks():
+            if chunk:
+                yield chunk
+    except UpstreamError as exc:
+        log.warning("upstream %s broke mid-stream: %s", endpoint, exc.message)
+        if sse:
+            yield sse_error_event(f"upstream {endpoint} failed mid-stream: {exc.message}", openai)
+    finally:
+        upstream.close()

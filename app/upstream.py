@@ -1,0 +1,163 @@
+"""Connections to llama.cpp servers: one pooled requests session per endpoint.
+
+This is the only module that catches ``requests`` exceptions; everything above it sees
+``UpstreamError`` subclasses.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import HTTPError as Urllib3HTTPError
+
+from .config import CREDENTIAL_HEADERS, Endpoint, ProxySettings
+from .errors import UpstreamError, UpstreamTimeout
+
+# Hop-by-hop headers (RFC 9110 7.6.1) are never relayed in either direction.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+})
+# Not forwarded upstream: recomputed by requests or meaningless to the upstream.
+_NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect"}
+# Not relayed back: recomputed by the WSGI server, or ours to set.
+_NOT_RELAYED = HOP_BY_HOP | {"content-length", "server", "date"}
+POOL_SIZE = 1024
+
+
+class UpstreamConnectError(UpstreamError):
+    """Nothing reached the upstream (refused, unreachable, connect timeout): safe to retry."""
+
+
+def request_headers(inbound: Mapping[str, str], endpoint: Endpoint) -> dict[str, str]:
+    """Headers for the upstream request: the client's minus hop-by-hop, plus the endpoint's.
+
+    When the config supplies the endpoint's credentials, the client's own Authorization and
+    X-Api-Key are dropped: the OpenAI SDK always sends a placeholder bearer token, and
+    llama.cpp checks Authorization before X-Api-Key.
+    """
+    connection_tokens = {t.strip().lower() for t in inbound.get("Connection", "").split(",")}
+    drop = _NOT_FORWARDED | connection_tokens
+    if endpoint.sends_credentials:
+        drop = drop | CREDENTIAL_HEADERS
+    out = {k: v for k, v in inbound.items() if k.lower() not in drop}
+    out.update(endpoint.headers)
+    return out
+
+
+def response_headers(upstream: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The upstream's response headers that are relayed to the client."""
+    connection_tokens = {t.strip().lower() for t in upstream.get("Connection", "").split(",")}
+    drop = _NOT_RELAYED | connection_tokens
+    return [(k, v) for k, v in upstream.items()
+            if k.lower() not in drop and not k.lower().startswith("x-olla-")]
+
+
+@dataclass
+class Upstream:
+    """An open upstream response; iterate it for raw body chunks, always close it."""
+
+    response: requests.Response
+
+    @property
+    def status(self) -> int:
+        return self.response.status_code
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self.response.headers
+
+    @property
+    def is_stream(self) -> bool:
+        """True for SSE or any body without a length: relay it chunk by chunk."""
+        headers = self.response.headers
+        return (headers.get("Content-Type", "").startswith("text/event-stream")
+                or "Content-Length" not in headers)
+
+    def read(self) -> bytes:
+        """The whole body (for responses with a length)."""
+        try:
+            return self.response.content
+        except (requests.RequestException, Urllib3HTTPError, OSError) as exc:
+            raise _translate(exc) from exc
+        finally:
+            self.close()
+
+    def chunks(self) -> Iterator[bytes]:
+        """Raw body chunks as they arrive (one per upstream HTTP chunk), undecoded."""
+        try:
+            yield from self.response.raw.stream(None, decode_content=False)
+        except (requests.RequestException, Urllib3HTTPError, OSError) as exc:
+            raise _translate(exc) from exc
+
+    def close(self) -> None:
+        """Close the response: a fully read body returns its connection to the pool, a
+        half-read one closes it, so the upstream sees the disconnect at once."""
+        raw = self.response.raw
+        if raw is not None:
+            if raw.closed:
+                raw.release_conn()
+            else:
+                raw.close()
+        self.response.close()
+
+
+def _translate(exc: BaseException) -> UpstreamError:
+    if isinstance(exc, requests.ConnectTimeout):
+        return UpstreamConnectError(f"connection to upstream timed out: {exc}")
+    if isinstance(exc, requests.ConnectionError) and not isinstance(exc, requests.ReadTimeout):
+        text = str(exc)
+        if "Connection refused" in text or "NewConnectionError" in text or \
+                "Name or service not known" in text or "Failed to resolve" in text:
+            return UpstreamConnectError(f"upstream is not reachable: {text}")
+    if isinstance(exc, (requests.ReadTimeout, TimeoutError)):
+        return UpstreamTimeout(f"upstream did not answer in time: {exc}")
+    return UpstreamError(f"upstream connection failed: {exc}")
+
+
+class UpstreamPool:
+    """One pooled session per endpoint, with explicit (connect, read) timeouts."""
+
+    def __init__(self, endpoints: tuple[Endpoint, ...], proxy: ProxySettings) -> None:
+        self.timeout = (proxy.connection_timeout, proxy.read_timeout)
+        self._sessions: dict[str, requests.Session] = {}
+        for endpoint in endpoints:
+            session = requests.Session()
+            adapter = HTTPAdapter(pool_connections=1, pool_maxsize=POOL_SIZE, max_retries=0)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            session.trust_env = False
+            self._sessions[endpoint.name] = session
+
+    def open(self, endpoint: Endpoint, method: str, path: str, *, body: bytes | None = None,
+             headers: Mapping[str, str] | None = None,
+             timeout: tuple[float, float] | None = None) -> Upstream:
+        """Send a request and return once the upstream's status and headers have arrived."""
+        session = self._sessions[endpoint.name]
+        try:
+            response = session.request(method, endpoint.join(path), data=body,
+                                       headers=dict(headers or {}), stream=True,
+                                       timeout=timeout or self.timeout, allow_redirects=False)
+        except (requests.RequestException, Urllib3HTTPError, OSError) as exc:
+            raise _translate(exc) from exc
+        return Upstream(response)
+
+    def get_json(self, endpoint: Endpoint, path: str, timeout: float) -> tuple[int, Any]:
+        """GET a small JSON document from an endpoint (status, parsed body or None)."""
+        upstream = self.open(endpoint, "GET", path, headers=endpoint.headers,
+                             timeout=(min(timeout, self.timeout[0]), timeout))
+        body = upstream.read()
+        try:
+            return upstream.status, json.loads(body) if body else None
+        except ValueError:
+            return upstream.status, None
+
+    def close(self) -> None:
+        """Close every session."""
+        for session in self._sessions.values():
+            session.close()

@@ -1,0 +1,180 @@
+"""The llama.cpp routes under ``/olla/<prefix>/``: validate, choose an endpoint, relay."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Blueprint, Response, g, request
+from marshmallow import Schema
+from werkzeug.datastructures import Headers
+
+from .. import schemas
+from ..errors import (
+    InvalidRequest,
+    MethodNotAllowed,
+    NoEndpointAvailable,
+    RouteNotFound,
+)
+from ..services import services
+from ..streaming import relay
+from ..upstream import Upstream, UpstreamConnectError, request_headers, response_headers
+
+bp = Blueprint("proxy", __name__)
+
+BACKEND_TYPE = "llamacpp"
+_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+MODELS_MAX_AGE = 5.0  # seconds a discovered model list is trusted when listing models
+_ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+@dataclass(frozen=True)
+class Route:
+    """One forwarded llama.cpp route."""
+
+    method: str
+    schema: Schema | None = None
+    openai: bool = False
+
+
+ROUTES: dict[str, Route] = {
+    "v1/models": Route("GET", openai=True),
+    "completion": Route("POST", schemas.CompletionSchema()),
+    "v1/completions": Route("POST", schemas.OpenAICompletionSchema(), openai=True),
+    "v1/chat/completions": Route("POST", schemas.ChatCompletionSchema(), openai=True),
+    "embedding": Route("POST", schemas.EmbeddingSchema()),
+    "v1/embeddings": Route("POST", schemas.OpenAIEmbeddingSchema(), openai=True),
+    "tokenize": Route("POST", schemas.TokenizeSchema()),
+    "detokenize": Route("POST", schemas.DetokenizeSchema()),
+    "infill": Route("POST", schemas.InfillSchema()),
+}
+
+
+@bp.before_app_request
+def _start() -> None:
+    g.started = time.perf_counter()
+    inbound = request.headers.get("X-Request-Id", "")
+    g.request_id = inbound if _SAFE_REQUEST_ID.match(inbound) else uuid.uuid4().hex
+
+
+@bp.after_app_request
+def _stamp(response: Response) -> Response:
+    """Headers every response under the proxy carries, errors included."""
+    if request.path.startswith("/olla/"):
+        headers = response.headers
+        headers["X-Olla-Request-Id"] = g.get("request_id", "")
+        headers["Via"] = f"1.1 olla/{services().version}"
+        headers.setdefault("X-Olla-Backend-Type", BACKEND_TYPE)
+        if "X-Olla-Response-Time" not in headers and "started" in g:
+            headers["X-Olla-Response-Time"] = _elapsed_ms()
+    return response
+
+
+def _elapsed_ms() -> str:
+    return f"{round((time.perf_counter() - g.started) * 1000)}ms"
+
+
+def _route(prefix: str, subpath: str) -> Route:
+    if prefix not in services().settings.prefixes:
+        raise RouteNotFound(f"Unknown or disabled prefix: /olla/{prefix}")
+    route = ROUTES.get(subpath)
+    if route is None:
+        raise RouteNotFound(
+            f"Not found: /olla/{prefix}/{subpath} is not a llama.cpp route this proxy serves")
+    allowed = {route.method, "HEAD"} if route.method == "GET" else {route.method}
+    if request.method not in allowed:
+        raise MethodNotAllowed(f"Method {request.method} not allowed on /olla/{prefix}/{subpath}",
+                               headers={"Allow": ", ".join(sorted(allowed))})
+    return route
+
+
+def _parse(body: bytes) -> dict[str, Any]:
+    """The JSON object in the body, whatever the Content-Type (as llama.cpp does)."""
+    if not body.strip():
+        raise InvalidRequest("Invalid request: the body must be a JSON object")
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"Invalid JSON body: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise InvalidRequest("Invalid request: the body must be a JSON object, not "
+                             f"{type(payload).__name__ if payload is not None else 'null'}")
+    return payload
+
+
+@bp.route("/olla/<prefix>/", methods=_ALL_METHODS, defaults={"subpath": ""})
+@bp.route("/olla/<prefix>/<path:subpath>", methods=_ALL_METHODS)
+def proxy(prefix: str, subpath: str) -> Response:
+    """Forward one llama.cpp route."""
+    route = _route(prefix, subpath)
+    if route.schema is None:
+        return _list_models()
+    body = request.get_data(cache=False)
+    payload = _parse(body)
+    errors = route.schema.validate(payload)
+    if errors:
+        raise InvalidRequest(schemas.validation_message(errors))
+    model = payload.get("model")
+    return _forward(subpath, route, body, payload, model if isinstance(model, str) else None)
+
+
+def _list_models() -> Response:
+    svc = services()
+    svc.registry.refresh(max_age=MODELS_MAX_AGE)
+    body = json.dumps({"object": "list", "data": svc.registry.models()})
+    return Response(body, mimetype="application/json")
+
+
+def _forward(subpath: str, route: Route, body: bytes, payload: dict[str, Any],
+             model: str | None) -> Response:
+    svc = services()
+    inbound = dict(request.headers)
+    inbound["X-Request-Id"] = g.request_id
+    forwarded_for = request.headers.get("X-Forwarded-For")
+    remote = request.remote_addr or ""
+    inbound["X-Forwarded-For"] = f"{forwarded_for}, {remote}" if forwarded_for else remote
+    inbound.setdefault("X-Forwarded-Proto", request.scheme)
+    path = "/" + subpath + (("?" + request.query_string.decode("latin-1"))
+                            if request.query_string else "")
+    failures: list[str] = []
+    for candidate in svc.router.candidates(model):
+        endpoint = candidate.state.endpoint
+        out_body = body
+        if candidate.model is not None and candidate.model != model:
+            out_body = json.dumps({**payload, "model": candidate.model}).encode()
+        try:
+            upstream = svc.pool.open(endpoint, "POST", path, body=out_body,
+                                     headers=request_headers(inbound, endpoint))
+        except UpstreamConnectError as exc:
+            # Nothing reached this endpoint, so trying the next one cannot run anything twice.
+            svc.registry.mark_unreachable(candidate.state, exc.message)
+            failures.append(f"{endpoint.name}: {exc.message}")
+            continue
+        svc.registry.mark_reachable(candidate.state)
+        return _relay(upstream, route, endpoint.name,
+                      model or candidate.model or candidate.state.primary_model or "")
+    raise NoEndpointAvailable("No llama.cpp endpoint is reachable"
+                              + (f" ({'; '.join(failures)})" if failures else ""))
+
+
+def _relay(upstream: Upstream, route: Route, endpoint: str, model: str) -> Response:
+    headers = Headers(response_headers(upstream.headers))
+    headers.set("X-Olla-Endpoint", endpoint)
+    headers.set("X-Olla-Model", model)
+    headers.set("X-Olla-Backend-Type", BACKEND_TYPE)
+    if not upstream.is_stream:
+        body = upstream.read()
+        headers.set("X-Olla-Response-Time", _elapsed_ms())
+        return Response(body, status=upstream.status, headers=headers)
+    # Streams: the time to the upstream's headers, the only figure known before the body.
+    headers.set("X-Olla-Response-Time", _elapsed_ms())
+    headers.set("X-Accel-Buffering", "no")
+    headers.set("Cache-Control", "no-cache")
+    response = Response(relay(upstream, openai=route.openai, endpoint=endpoint),
+                        status=upstream.status, headers=headers, direct_passthrough=True)
+    response.call_on_close(upstream.close)
+    return response

@@ -1,0 +1,50 @@
+"""gunicorn settings for the proxy (read automatically by ``gunicorn wsgi:app``).
+
+The YAML config is found as the app finds it (``OLLA_CONFIG_FILE``, else
+config/config.yaml); ``server.host``/``server.port`` become the bind address unless
+``--bind`` is given on the command line, which gunicorn lets override this file.
+"""
+
+import os
+
+from app import embedded
+from app.config import ConfigError, load_settings
+
+try:
+    _settings = load_settings()
+except ConfigError as _exc:
+    raise SystemExit(f"olla: {_exc}") from None
+
+bind = [f"{_settings.server.host}:{_settings.server.port}"]
+worker_class = "gevent"
+workers = int(os.environ.get("OLLA_WORKERS", "1"))
+# One gevent worker holds at least this many open streams at once.
+worker_connections = 2000
+# With gevent the worker timeout is a heartbeat from an idle greenlet, not a request limit:
+# a stream that runs for an hour is not killed, a worker whose loop is stuck is.
+timeout = 120
+graceful_timeout = 30
+keepalive = 75
+# No preload: every worker builds its own app (and, later, its own background greenlets).
+preload_app = False
+accesslog = None
+errorlog = "-"
+loglevel = _settings.log_level
+
+
+def on_starting(server):  # type: ignore[no-untyped-def]
+    """Start the embedded llama.cpp when no endpoint is configured."""
+    if _settings.endpoints or not _settings.embedded.enabled or os.environ.get(embedded.ENV_URL):
+        return
+    server.log.info("no endpoints configured: starting the embedded llama.cpp (Gemma 3 270M)")
+    process, url = embedded.start(_settings.embedded)
+    os.environ[embedded.ENV_URL] = url
+    server.olla_embedded = process
+    server.log.info("embedded llama.cpp ready at %s", url)
+
+
+def on_exit(server):  # type: ignore[no-untyped-def]
+    """Stop the embedded llama.cpp with the master."""
+    process = getattr(server, "olla_embedded", None)
+    if process is not None:
+        embedded.stop(process)
