@@ -1,0 +1,145 @@
+"""Processes the integration tests own: real llama.cpp servers and the proxy under gunicorn."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+LAUNCHER = Path(__file__).with_name("llamacpp_server.py")
+
+
+def free_port() -> int:
+    """A free loopback port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_http(url: str, process: subprocess.Popen[bytes], timeout: float = 60.0,
+              ok: Sequence[int] = (200,)) -> None:
+    """Wait until ``url`` answers with one of ``ok``, or fail if the process died."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with {process.returncode}")
+        try:
+            last = requests.get(url, timeout=1)
+            if last.status_code in ok:
+                return
+        except requests.RequestException as exc:
+            last = exc
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} not ready after {timeout} s: {last}")
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL, and reap."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@dataclass
+class LlamaServer:
+    """A real llama-server on the Gemma model, in its own process."""
+
+    args: list[str] = field(default_factory=list)
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> LlamaServer:
+        """Start (or restart) on the same port and wait for /health."""
+        self.process = subprocess.Popen(
+            [sys.executable, str(LAUNCHER), "--port", str(self.port), *self.args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return self
+
+    def wait(self) -> LlamaServer:
+        assert self.process is not None
+        wait_http(self.url + "/health", self.process)
+        return self
+
+    def kill(self) -> None:
+        """Kill at once, as a crash would."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+
+    def slots(self, api_key: str | None = None) -> list[dict[str, Any]]:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        response = requests.get(self.url + "/slots", headers=headers, timeout=5)
+        response.raise_for_status()
+        return response.json()  # type: ignore[no-any-return]
+
+    def busy_slots(self, api_key: str | None = None) -> int:
+        return sum(1 for s in self.slots(api_key) if s.get("is_processing"))
+
+
+@dataclass
+class Proxy:
+    """The proxy under gunicorn (gevent worker), with a YAML config of its own."""
+
+    config: dict[str, Any]
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+    config_path: Path | None = None
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Proxy:
+        handle, path = tempfile.mkstemp(suffix=".yaml", prefix="olla-test-")
+        os.close(handle)
+        self.config_path = Path(path)
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        self.log_path = self.config_path.with_suffix(".log")
+        env = {**os.environ, "OLLA_CONFIG_FILE": str(self.config_path), **self.env}
+        env.pop("OLLA_EMBEDDED_URL", None)
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
+                 "--bind", f"127.0.0.1:{self.port}", *self.extra_args, "wsgi:app"],
+                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        wait_http(self.url + "/olla/llamacpp/v1/models", self.process, timeout=30,
+                  ok=(200, 503))
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+        for path in (self.config_path, self.log_path):
+            if path is not None and path.exists():
+                path.unlink()
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
