@@ -7,6 +7,7 @@ references stop start-up with a message naming the offending key.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -117,6 +118,8 @@ def parse_duration(value: Any) -> float:
         seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
     else:
         raise ValueError(f"not a duration: {value!r}")
+    if not math.isfinite(seconds):
+        raise ValueError(f"not a duration: {value!r}")
     if seconds < 0:
         raise ValueError("must not be negative")
     return seconds
@@ -223,14 +226,17 @@ _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 def expand_env(value: str, where: str, environ: Mapping[str, str]) -> str:
-    """Expand ``${VAR}`` and ``${VAR:-default}``; an unset VAR without default is an error."""
+    """Expand ``${VAR}`` and ``${VAR:-default}``; an unset VAR without default is an error.
+
+    As in the shell, ``:-`` also takes the default when VAR is set but empty.
+    """
 
     def repl(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
+        if default is not None and not environ.get(name):
+            return default
         if name in environ:
             return environ[name]
-        if default is not None:
-            return default
         raise ConfigError(f"{where}: environment variable {name} is not set")
 
     return _VAR_RE.sub(repl, value)
@@ -250,12 +256,15 @@ def _flatten(messages: Any, prefix: str = "") -> list[str]:
     return [f"{prefix}: {messages}"]
 
 
-def _endpoint(raw: Mapping[str, Any], index: int, environ: Mapping[str, str]) -> Endpoint:
+def _endpoint(raw: Mapping[str, Any], where: str, environ: Mapping[str, str]) -> Endpoint:
     url = raw["url"].rstrip("/")
-    headers = {
-        key: expand_env(value, f"endpoints[{index}].headers.{key}", environ)
+    expanded = {
+        key: expand_env(value, f"{where}.headers.{key}", environ)
         for key, value in raw.get("headers", {}).items()
     }
+    # A header that expands to nothing (``${KEY:-}`` with KEY unset) is left out, so an
+    # empty X-API-Key neither reaches llama.cpp nor displaces the client's own credentials.
+    headers = {key: value for key, value in expanded.items() if value}
     values: dict[str, Any] = {
         k: raw[k]
         for k in ("priority", "health_check_url", "model_url", "check_interval", "check_timeout")
@@ -287,9 +296,12 @@ def settings_from_mapping(raw: Mapping[str, Any] | None,
     )
     proxy = ProxySettings(**data.get("proxy", {}))
     endpoint_list = data.get("endpoints")
+    list_key = "endpoints"
     if endpoint_list is None:
         endpoint_list = data.get("discovery", {}).get("static", {}).get("endpoints", [])
-    endpoints = tuple(_endpoint(e, i, environ) for i, e in enumerate(endpoint_list))
+        list_key = "discovery.static.endpoints"
+    endpoints = tuple(_endpoint(e, f"{list_key}[{i}]", environ)
+                      for i, e in enumerate(endpoint_list))
     names = [e.name for e in endpoints]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

@@ -46,6 +46,8 @@ class EndpointState:
     attempted_at: float = 0.0
     reachable: bool | None = None
     last_error: str | None = None
+    # Routes this endpoint answered 501 to (e.g. embeddings on a server started without them).
+    unsupported: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -119,7 +121,10 @@ class Registry:
                 return False
             state.props = props if props_status == 200 and isinstance(props, dict) else {}
             state.models = parse_models(document, state.props)
-            state.names = frozenset().union(*(m["_keys"] for m in state.models))
+            names = frozenset().union(*(m["_keys"] for m in state.models))
+            if names != state.names:
+                state.unsupported.clear()  # another model now: what it lacks is unknown
+            state.names = names
             state.discovered_at = time.monotonic()
             state.reachable = True
             state.last_error = None

@@ -24,16 +24,18 @@ class Router:
         self.registry = registry
         self.aliases = {name_key(k): v for k, v in aliases.items()}
 
-    def _ordered(self, states: list[EndpointState]) -> list[EndpointState]:
-        # Endpoints known to be down go last: still tried, but only after the others.
-        return sorted(states, key=lambda s: (s.reachable is False, -s.endpoint.priority))
+    def _ordered(self, states: list[EndpointState], route: str) -> list[EndpointState]:
+        # Endpoints known to lack the route's feature, then those known to be down, go last:
+        # still tried, but only after the others.
+        return sorted(states, key=lambda s: (route in s.unsupported, s.reachable is False,
+                                             -s.endpoint.priority))
 
-    def candidates(self, model: str | None) -> list[Candidate]:
+    def candidates(self, model: str | None, route: str = "") -> list[Candidate]:
         """Endpoints for a request; raises ModelNotFound when nobody serves ``model``."""
         self.registry.refresh()
         states = list(self.registry)
         if not model:
-            return [Candidate(s, None) for s in self._ordered(states)]
+            return [Candidate(s, None) for s in self._ordered(states, route)]
         targets = self.aliases.get(name_key(model), (model,))
         keys = [name_key(t) for t in targets]
         serving = [s for s in states if s.serves(keys)]
@@ -45,4 +47,4 @@ class Router:
             raise ModelNotFound(f"Model not found: {model}")
         aliased = name_key(model) in self.aliases
         return [Candidate(s, s.native_name(keys) if aliased else None)
-                for s in self._ordered(serving)]
+                for s in self._ordered(serving, route)]

@@ -156,7 +156,7 @@ class ChatCompletionSchema(Sampling):
         fields.Nested(MessageSchema, error_messages={"type": "must be an object", **_REQUIRED}),
         required=True,
         validate=validate.Length(min=1, error="must be a non-empty list"),
-        error_messages={"type": "must be a non-empty list of objects", **_REQUIRED},
+        error_messages={"invalid": "must be a non-empty list of objects", **_REQUIRED},
     )
 
 

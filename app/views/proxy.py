@@ -141,7 +141,8 @@ def _forward(subpath: str, route: Route, body: bytes, payload: dict[str, Any],
     path = "/" + subpath + (("?" + request.query_string.decode("latin-1"))
                             if request.query_string else "")
     failures: list[str] = []
-    for candidate in svc.router.candidates(model):
+    candidates = svc.router.candidates(model, subpath)
+    for number, candidate in enumerate(candidates, start=1):
         endpoint = candidate.state.endpoint
         out_body = body
         if candidate.model is not None and candidate.model != model:
@@ -155,6 +156,13 @@ def _forward(subpath: str, route: Route, body: bytes, payload: dict[str, Any],
             failures.append(f"{endpoint.name}: {exc.message}")
             continue
         svc.registry.mark_reachable(candidate.state)
+        if upstream.status == 501 and not model and number < len(candidates):
+            # This server lacks the feature (embeddings off, no FIM tokens). The request names
+            # no model, so another endpoint may serve it; nothing was generated here.
+            upstream.close()
+            candidate.state.unsupported.add(subpath)
+            failures.append(f"{endpoint.name}: does not support /{subpath}")
+            continue
         return _relay(upstream, route, endpoint.name,
                       model or candidate.model or candidate.state.primary_model or "")
     raise NoEndpointAvailable("No llama.cpp endpoint is reachable"

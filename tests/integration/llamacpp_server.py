@@ -45,12 +45,13 @@ def main() -> None:
         params.pooling_type = xllamacpp.llama_pooling_type.LLAMA_POOLING_TYPE_MEAN
     if args.api_key:
         params.api_keys = [args.api_key]
-    xllamacpp.Server(params)
+    server = xllamacpp.Server(params)  # keep a reference: the server stops when collected
     stop: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, _frame: stop.append(signum))
     signal.signal(signal.SIGINT, lambda signum, _frame: stop.append(signum))
     while not stop:
         time.sleep(0.1)
+    del server
 
 
 if __name__ == "__main__":

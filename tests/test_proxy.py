@@ -1,0 +1,444 @@
+"""The proxy routes against fake upstreams (`responses`): our own logic, no real server."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import pytest
+import requests
+import responses
+from flask import Flask
+from flask.testing import FlaskClient
+
+from .conftest import CHAT_URL, EMBED_URL, add_llamacpp
+
+POST_ROUTES = ["completion", "v1/completions", "v1/chat/completions", "embedding",
+               "v1/embeddings", "tokenize", "detokenize", "infill"]
+VALID = {
+    "completion": {"prompt": "hi"},
+    "v1/completions": {"prompt": "hi"},
+    "v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}]},
+    "embedding": {"content": "hi"},
+    "v1/embeddings": {"input": ["a", "b"]},
+    "tokenize": {"content": "hi"},
+    "detokenize": {"tokens": [1, 2]},
+    "infill": {"input_prefix": "def f():"},
+}
+
+
+def error_of(response: object) -> dict[str, str]:
+    body = response.get_json()  # type: ignore[attr-defined]
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "code"}
+    return body["error"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("route", POST_ROUTES)
+def test_each_post_route_is_forwarded_byte_for_byte(
+        two_endpoints: FlaskClient, fake: responses.RequestsMock, route: str) -> None:
+    upstream = fake.post(f"{CHAT_URL}/{route}", json={"ok": route})
+    raw = json.dumps(VALID[route], indent=3).encode()  # odd spacing must survive
+    response = two_endpoints.post(f"/olla/llamacpp/{route}", data=raw,
+                                  headers={"Content-Type": "application/json"})
+    assert response.status_code == 200
+    assert response.get_json() == {"ok": route}
+    assert upstream.call_count == 1
+    assert upstream.calls[0].request.body == raw
+
+
+def test_unknown_fields_reach_llamacpp_untouched(two_endpoints: FlaskClient,
+                                                 fake: responses.RequestsMock) -> None:
+    upstream = fake.post(f"{CHAT_URL}/completion", json={"content": "x"})
+    body = {"prompt": "hi", "n_probs": 3, "grammar": "root ::= \"a\"",
+            "json_schema": {"type": "object"}, "logit_bias": [[15043, 1.0]],
+            "cache_prompt": False, "id_slot": 1, "totally_new_knob": {"nested": [1, 2.5, None]},
+            "temperature": 0.70}
+    two_endpoints.post("/olla/llamacpp/completion", json=body)
+    assert json.loads(upstream.calls[0].request.body) == body
+
+
+def test_json_body_accepted_without_content_type(two_endpoints: FlaskClient,
+                                                 fake: responses.RequestsMock) -> None:
+    fake.post(f"{CHAT_URL}/tokenize", json={"tokens": [1]})
+    response = two_endpoints.post("/olla/llamacpp/tokenize", data=b'{"content":"hi"}',
+                                  content_type="application/x-www-form-urlencoded")
+    assert response.status_code == 200
+    assert response.get_json() == {"tokens": [1]}
+
+
+@pytest.mark.parametrize(("route", "body", "field"), [
+    ("completion", {"prompt": "x", "temperature": 2.5}, "temperature"),
+    ("completion", {"prompt": "x", "top_p": 1.5}, "top_p"),
+    ("completion", {"prompt": "x", "top_k": -1}, "top_k"),
+    ("completion", {"prompt": "x", "n_predict": -2}, "n_predict"),
+    ("completion", {"prompt": "x", "stop": [1]}, "stop"),
+    ("completion", {"prompt": "x", "stream": "true"}, "stream"),
+    ("completion", {"n_predict": 5}, "prompt"),
+    ("v1/completions", {"prompt": "x", "max_tokens": 1.5}, "max_tokens"),
+    ("v1/chat/completions", {"messages": []}, "messages"),
+    ("v1/chat/completions", {"messages": [{"content": "x"}]}, "messages[0].role"),
+    ("tokenize", {}, "content"),
+    ("detokenize", {"tokens": ["a"]}, "tokens"),
+    ("infill", {"input_suffix": "x"}, "input_prefix"),
+    ("v1/embeddings", {"input": 3.5}, "input"),
+    ("embedding", {}, "content"),
+])
+def test_invalid_input_is_400_without_contacting_upstream(
+        two_endpoints: FlaskClient, fake: responses.RequestsMock, route: str,
+        body: dict[str, object], field: str) -> None:
+    upstream = fake.post(f"{CHAT_URL}/{route}", json={})
+    response = two_endpoints.post(f"/olla/llamacpp/{route}", json=body)
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["type"] == "invalid_request_error"
+    assert error["code"] == "invalid_parameter"
+    assert field in error["message"]
+    assert upstream.call_count == 0
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"\"text\"", b"null", b"", b"\xff\xfe"])
+def test_malformed_or_non_object_body_is_400(two_endpoints: FlaskClient, raw: bytes) -> None:
+    response = two_endpoints.post("/olla/llamacpp/completion", data=raw)
+    assert response.status_code == 400
+    assert error_of(response)["code"] == "invalid_parameter"
+
+
+def test_body_over_limit_is_413(fake: responses.RequestsMock,
+                                make_app: Callable[..., Flask]) -> None:
+    add_llamacpp(fake, CHAT_URL, "m.gguf")
+    upstream = fake.post(f"{CHAT_URL}/completion", json={})
+    app = make_app({"server": {"request_limits": {"max_body_size": 1000}},
+                    "endpoints": [{"url": CHAT_URL, "name": "chat"}]})
+    response = app.test_client().post("/olla/llamacpp/completion",
+                                      json={"prompt": "x" * 2000})
+    assert response.status_code == 413
+    assert error_of(response)["type"] == "invalid_request_error"
+    assert upstream.call_count == 0
+
+
+@pytest.mark.parametrize("path", ["/olla/llamacpp/slots", "/olla/llamacpp/props",
+                                  "/olla/llamacpp/metrics", "/olla/llamacpp/health",
+                                  "/olla/llamacpp/", "/olla/llamacpp/v1/models/extra"])
+def test_other_paths_under_prefix_are_not_forwarded(two_endpoints: FlaskClient,
+                                                    fake: responses.RequestsMock,
+                                                    path: str) -> None:
+    response = two_endpoints.get(path)
+    assert response.status_code == 404
+    assert error_of(response)["code"] == "not_found"
+    forwarded = [c for c in fake.calls if not c.request.url.endswith(("/v1/models", "/props"))]
+    assert forwarded == []
+
+
+@pytest.mark.parametrize("prefix", ["llama-cpp", "llama_cpp", "openai", "nope"])
+def test_disabled_or_unknown_prefix_is_404(two_endpoints: FlaskClient, prefix: str) -> None:
+    response = two_endpoints.post(f"/olla/{prefix}/completion", json={"prompt": "x"})
+    assert response.status_code == 404
+    assert prefix in error_of(response)["message"]
+
+
+def test_listed_prefixes_are_enabled(fake: responses.RequestsMock,
+                                     make_app: Callable[..., Flask]) -> None:
+    add_llamacpp(fake, CHAT_URL, "m.gguf")
+    fake.post(f"{CHAT_URL}/tokenize", json={"tokens": []})
+    app = make_app({"routing": {"prefixes": ["llama-cpp", "llama_cpp"]},
+                    "endpoints": [{"url": CHAT_URL, "name": "chat"}]})
+    client = app.test_client()
+    assert client.post("/olla/llama-cpp/tokenize", json={"content": "x"}).status_code == 200
+    assert client.post("/olla/llama_cpp/tokenize", json={"content": "x"}).status_code == 200
+    assert client.post("/olla/llamacpp/tokenize", json={"content": "x"}).status_code == 404
+
+
+@pytest.mark.parametrize(("method", "path", "allow"), [
+    ("GET", "/olla/llamacpp/completion", "POST"),
+    ("PUT", "/olla/llamacpp/v1/chat/completions", "POST"),
+    ("POST", "/olla/llamacpp/v1/models", "GET, HEAD"),
+    ("DELETE", "/olla/llamacpp/tokenize", "POST"),
+])
+def test_wrong_method_is_405_with_allow(two_endpoints: FlaskClient, method: str, path: str,
+                                        allow: str) -> None:
+    response = two_endpoints.open(path, method=method)
+    assert response.status_code == 405
+    assert response.headers["Allow"] == allow
+    assert error_of(response)["code"] == "method_not_allowed"
+
+
+def test_models_are_merged_deduplicated_and_never_paths(
+        fake: responses.RequestsMock, make_app: Callable[..., Flask]) -> None:
+    add_llamacpp(fake, CHAT_URL, "llama-3.1-8b-instruct-q4_k_m.gguf")
+    add_llamacpp(fake, EMBED_URL, "/srv/models/nomic-embed-text-v1.5.Q4_K_M.gguf")
+    add_llamacpp(fake, "http://dup.test:8080", "/other/dir/llama-3.1-8b-instruct-q4_k_m.gguf")
+    app = make_app({"endpoints": [{"url": CHAT_URL, "name": "chat"},
+                                  {"url": EMBED_URL, "name": "embed"},
+                                  {"url": "http://dup.test:8080", "name": "dup"}]})
+    body = app.test_client().get("/olla/llamacpp/v1/models").get_json()
+    assert body["object"] == "list"
+    ids = [m["id"] for m in body["data"]]
+    assert sorted(ids) == ["llama-3.1-8b-instruct-q4_k_m.gguf",
+                           "nomic-embed-text-v1.5.Q4_K_M.gguf"]
+    assert all(m["object"] == "model" and "created" in m and "owned_by" in m
+               for m in body["data"])
+    assert not any("_keys" in m for m in body["data"])
+
+
+def test_models_skip_unreachable_endpoints(fake: responses.RequestsMock,
+                                          make_app: Callable[..., Flask]) -> None:
+    add_llamacpp(fake, CHAT_URL, "chat.gguf")
+    fake.get(f"{EMBED_URL}/v1/models", body=requests.ConnectionError("Connection refused"))
+    app = make_app({"endpoints": [{"url": CHAT_URL, "name": "chat"},
+                                  {"url": EMBED_URL, "name": "embed"}]})
+    response = app.test_client().get("/olla/llamacpp/v1/models")
+    assert response.status_code == 200
+    assert [m["id"] for m in response.get_json()["data"]] == ["chat.gguf"]
+
+
+@pytest.mark.parametrize("name", ["nomic-embed-text-v1.5.Q4_K_M.gguf",
+                                  "/srv/models/nomic-embed-text-v1.5.Q4_K_M.gguf",
+                                  "nomic-embed-text-v1.5.q4_k_m", "NOMIC-EMBED-TEXT-V1.5.Q4_K_M.GGUF"])
+def test_named_model_routes_to_its_endpoint(two_endpoints: FlaskClient,
+                                            fake: responses.RequestsMock, name: str) -> None:
+    chat = fake.post(f"{CHAT_URL}/v1/embeddings", json={"from": "chat"})
+    embed = fake.post(f"{EMBED_URL}/v1/embeddings", json={"from": "embed"})
+    response = two_endpoints.post("/olla/llamacpp/v1/embeddings",
+                                  json={"model": name, "input": "x"})
+    assert response.get_json() == {"from": "embed"}
+    assert (chat.call_count, embed.call_count) == (0, 1)
+    assert response.headers["X-Olla-Endpoint"] == "embed"
+    assert response.headers["X-Olla-Model"] == name
+    # The body is forwarded as sent: the model name is not rewritten.
+    assert json.loads(embed.calls[0].request.body)["model"] == name
+
+
+def test_model_by_alias_listed_by_server(fake: responses.RequestsMock,
+                                         make_app: Callable[..., Flask]) -> None:
+    add_llamacpp(fake, CHAT_URL, "qwen-coder", model_path="/m/Qwen2.5-Coder-7B-Q4_K_M.gguf",
+                 aliases=["qwen-coder", "coder"])
+    upstream = fake.post(f"{CHAT_URL}/completion", json={})
+    client = make_app({"endpoints": [{"url": CHAT_URL, "name": "chat"}]}).test_client()
+    for name in ("qwen-coder", "coder", "Qwen2.5-Coder-7B-Q4_K_M.gguf"):
+        assert client.post("/olla/llamacpp/completion",
+                           json={"model": name, "prompt": "x"}).status_code == 200
+    assert upstream.call_count == 3
+
+
+def test_unknown_model_is_404_model_not_found(two_endpoints: FlaskClient,
+                                              fake: responses.RequestsMock) -> None:
+    upstream = fake.post(f"{CHAT_URL}/v1/chat/completions", json={})
+    response = two_endpoints.post("/olla/llamacpp/v1/chat/completions", json={
+        "model": "unknown-model.gguf", "messages": [{"role": "user", "content": "x"}]})
+    assert response.status_code == 404
+    assert error_of(response) == {"message": "Model not found: unknown-model.gguf",
+                                  "type": "invalid_request_error", "code": "model_not_found"}
+    assert upstream.call_count == 0
+
+
+def test_no_model_goes_to_highest_priority(two_endpoints: FlaskClient,
+                                           fake: responses.RequestsMock) -> None:
+    chat = fake.post(f"{CHAT_URL}/tokenize", json={"tokens": [1]})
+    response = two_endpoints.post("/olla/llamacpp/tokenize", json={"content": "x"})
+    assert chat.call_count == 1
+    assert response.headers["X-Olla-Endpoint"] == "chat"
+    assert response.headers["X-Olla-Model"] == "llama-3.1-8b-instruct-q4_k_m.gguf"
+
+
+def test_no_model_skips_an_endpoint_that_refuses(two_endpoints: FlaskClient,
+                                                 fake: responses.RequestsMock) -> None:
+    fake.post(f"{CHAT_URL}/tokenize",
+              body=requests.ConnectionError("[Errno 111] Connection refused"))
+    embed = fake.post(f"{EMBED_URL}/tokenize", json={"tokens": [2]})
+    response = two_endpoints.post("/olla/llamacpp/tokenize", json={"content": "x"})
+    assert response.status_code == 200
+    assert response.headers["X-Olla-Endpoint"] == "embed"
+    assert embed.call_count == 1
+
+
+def test_none_reachable_is_503(fake: responses.RequestsMock,
+                               make_app: Callable[..., Flask]) -> None:
+    for url in (CHAT_URL, EMBED_URL):
+        fake.get(f"{url}/v1/models", body=requests.ConnectionError("Connection refused"))
+        fake.post(f"{url}/completion", body=requests.ConnectionError("Connection refused"))
+    app = make_app({"endpoints": [{"url": CHAT_URL, "name": "chat"},
+                                  {"url": EMBED_URL, "name": "embed"}]})
+    response = app.test_client().post("/olla/llamacpp/completion", json={"prompt": "x"})
+    assert response.status_code == 503
+    error = error_of(response)
+    assert error["type"] == "server_error"
+    assert "chat" in error["message"] and "embed" in error["message"]
+
+
+def test_no_endpoints_configured_is_503(make_app: Callable[..., Flask]) -> None:
+    response = make_app().test_client().post("/olla/llamacpp/completion", json={"prompt": "x"})
+    assert response.status_code == 503
+    assert error_of(response)["code"] == "no_endpoints_available"
+
+
+def test_read_timeout_before_answer_is_504_and_not_retried(
+        two_endpoints: FlaskClient, fake: responses.RequestsMock) -> None:
+    chat = fake.post(f"{CHAT_URL}/completion", body=requests.ReadTimeout("read timed out"))
+    embed = fake.post(f"{EMBED_URL}/completion", json={})
+    response = two_endpoints.post("/olla/llamacpp/completion", json={"prompt": "x"})
+    assert response.status_code == 504
+    assert error_of(response)["code"] == "upstream_timeout"
+    assert (chat.call_count, embed.call_count) == (1, 0)
+
+
+@pytest.mark.parametrize(("status", "body"), [
+    (501, {"error": {"code": 501, "message": "Infill is not supported by this model",
+                     "type": "not_supported_error"}}),
+    (400, {"error": {"code": 400, "message": "request (3002 tokens) exceeds the available "
+                     "context size (1024 tokens)", "type": "exceed_context_size_error",
+                     "n_prompt_tokens": 3002, "n_ctx": 1024}}),
+    (401, {"error": {"code": 401, "message": "Invalid API Key",
+                     "type": "authentication_error"}}),
+])
+def test_upstream_errors_relayed_faithfully(two_endpoints: FlaskClient,
+                                           fake: responses.RequestsMock, status: int,
+                                           body: dict[str, object]) -> None:
+    raw = json.dumps(body).encode()
+    fake.post(f"{CHAT_URL}/infill", body=raw, status=status,
+              content_type="application/json; charset=utf-8")
+    response = two_endpoints.post("/olla/llamacpp/infill", json={
+        "model": "llama-3.1-8b-instruct-q4_k_m.gguf", "input_prefix": "x"})
+    assert response.status_code == status
+    assert response.data == raw
+    assert response.headers["Content-Type"] == "application/json; charset=utf-8"
+
+
+def test_response_headers(two_endpoints: FlaskClient, fake: responses.RequestsMock) -> None:
+    fake.post(f"{CHAT_URL}/tokenize", json={"tokens": [1]},
+              headers={"X-Olla-Endpoint": "spoofed", "Connection": "close, X-Private",
+                       "X-Private": "hop", "X-Upstream-Extra": "kept"})
+    response = two_endpoints.post("/olla/llamacpp/tokenize", json={"content": "x"},
+                                  headers={"X-Request-Id": "client-req-42"})
+    headers = response.headers
+    assert headers["X-Olla-Backend-Type"] == "llamacpp"
+    assert headers["X-Olla-Endpoint"] == "chat"
+    assert headers["X-Olla-Model"] == "llama-3.1-8b-instruct-q4_k_m.gguf"
+    assert headers["X-Olla-Request-Id"] == "client-req-42"
+    assert headers["X-Olla-Response-Time"].endswith("ms")
+    assert int(headers["X-Olla-Response-Time"][:-2]) >= 0
+    assert headers["Via"].startswith("1.1 olla/")
+    assert headers.getlist("X-Olla-Endpoint") == ["chat"]
+    assert "X-Private" not in headers
+    assert headers["X-Upstream-Extra"] == "kept"
+
+
+@pytest.mark.parametrize("bad", ["has space", "x" * 129, "semi;colon", "new\u00e9"])
+def test_unsafe_request_id_is_replaced(two_endpoints: FlaskClient,
+                                       fake: responses.RequestsMock, bad: str) -> None:
+    upstream = fake.post(f"{CHAT_URL}/tokenize", json={"tokens": [1]})
+    response = two_endpoints.post("/olla/llamacpp/tokenize", json={"content": "x"},
+                                  headers={"X-Request-Id": bad})
+    rid = response.headers["X-Olla-Request-Id"]
+    assert rid != bad and len(rid) == 32
+    assert upstream.calls[0].request.headers["X-Request-Id"] == rid
+
+
+def test_error_responses_carry_request_id_and_via(two_endpoints: FlaskClient) -> None:
+    response = two_endpoints.post("/olla/llamacpp/completion", json={"temperature": 9})
+    assert response.status_code == 400
+    assert len(response.headers["X-Olla-Request-Id"]) == 32
+    assert response.headers["Via"].startswith("1.1 olla/")
+
+
+def test_request_headers_hop_by_hop_dropped_and_config_headers_added(
+        fake: responses.RequestsMock, make_app: Callable[..., Flask]) -> None:
+    add_llamacpp(fake, CHAT_URL, "m.gguf")
+    upstream = fake.post(f"{CHAT_URL}/completion", json={})
+    app = make_app({"endpoints": [{"url": CHAT_URL, "name": "chat",
+                                   "headers": {"X-API-Key": "configured-key"}}]})
+    app.test_client().post("/olla/llamacpp/completion", json={"prompt": "x"}, headers={
+        "Authorization": "Bearer not-needed", "X-Api-Key": "client", "Connection": "X-Drop",
+        "X-Drop": "1", "Keep-Alive": "timeout=5", "TE": "trailers", "X-Custom": "kept"})
+    sent = upstream.calls[0].request.headers
+    assert sent["X-API-Key"] == "configured-key"
+    assert "Authorization" not in sent
+    for hop in ("X-Drop", "Keep-Alive", "TE"):
+        assert hop not in sent
+    assert sent["X-Custom"] == "kept"
+    assert sent["X-Forwarded-For"]
+
+
+def test_client_credentials_pass_when_config_sets_none(two_endpoints: FlaskClient,
+                                                       fake: responses.RequestsMock) -> None:
+    upstream = fake.post(f"{CHAT_URL}/completion", json={})
+    two_endpoints.post("/olla/llamacpp/completion", json={"prompt": "x"},
+                       headers={"Authorization": "Bearer client-key"})
+    assert upstream.calls[0].request.headers["Authorization"] == "Bearer client-key"
+
+
+def test_model_alias_rewrites_model_for_the_chosen_endpoint(
+        fake: responses.RequestsMock, make_app: Callable[..., Flask]) -> None:
+    add_llamacpp(fake, CHAT_URL, "/m/gemma-3-270m-q4_k_m.gguf")
+    upstream = fake.post(f"{CHAT_URL}/v1/chat/completions", json={})
+    app = make_app({"endpoints": [{"url": CHAT_URL, "name": "chat"}],
+                    "model_aliases": {"my-chat": ["gemma-3-270m-q4_k_m.gguf"]}})
+    response = app.test_client().post("/olla/llamacpp/v1/chat/completions", json={
+        "model": "my-chat", "messages": [{"role": "user", "content": "x"}], "extra": 1})
+    assert response.status_code == 200
+    sent = json.loads(upstream.calls[0].request.body)
+    assert sent == {"model": "gemma-3-270m-q4_k_m.gguf",
+                    "messages": [{"role": "user", "content": "x"}], "extra": 1}
+    assert response.headers["X-Olla-Model"] == "my-chat"
+
+
+def test_stream_relayed_with_sse_headers(two_endpoints: FlaskClient,
+                                         fake: responses.RequestsMock) -> None:
+    events = b'data: {"content":"a","stop":false}\n\ndata: {"content":"","stop":true}\n\n'
+    fake.post(f"{CHAT_URL}/completion", body=events, content_type="text/event-stream")
+    response = two_endpoints.post("/olla/llamacpp/completion",
+                                  json={"prompt": "x", "stream": True})
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "text/event-stream"
+    assert response.headers["X-Accel-Buffering"] == "no"
+    assert response.headers["Cache-Control"] == "no-cache"
+    assert response.data == events
+
+
+def test_unexpected_error_is_json_500(two_endpoints: FlaskClient,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("bug")
+
+    app = two_endpoints.application
+    monkeypatch.setattr(app.extensions["olla"].router, "candidates", boom)
+    response = two_endpoints.post("/olla/llamacpp/tokenize", json={"content": "x"})
+    assert response.status_code == 500
+    assert error_of(response) == {"message": "Internal proxy error", "type": "server_error",
+                                  "code": "internal_error"}
+
+
+def test_modelless_request_moves_past_an_endpoint_lacking_the_feature(
+        two_endpoints: FlaskClient, fake: responses.RequestsMock) -> None:
+    refusal = {"error": {"code": 501, "message": "This server does not support embeddings.",
+                         "type": "not_supported_error"}}
+    chat = fake.post(f"{CHAT_URL}/embedding", json=refusal, status=501)
+    embed = fake.post(f"{EMBED_URL}/embedding", json={"embedding": [0.1]})
+    first = two_endpoints.post("/olla/llamacpp/embedding", json={"content": "x"})
+    assert first.status_code == 200
+    assert first.headers["X-Olla-Endpoint"] == "embed"
+    second = two_endpoints.post("/olla/llamacpp/embedding", json={"content": "y"})
+    assert second.headers["X-Olla-Endpoint"] == "embed"
+    # Remembered: the chat endpoint is not asked again while another can serve.
+    assert (chat.call_count, embed.call_count) == (1, 2)
+
+
+def test_501_from_the_last_candidate_is_relayed(two_endpoints: FlaskClient,
+                                                fake: responses.RequestsMock) -> None:
+    refusal = {"error": {"code": 501, "message": "Infill is not supported by this model",
+                         "type": "not_supported_error"}}
+    for url in (CHAT_URL, EMBED_URL):
+        fake.post(f"{url}/infill", json=refusal, status=501)
+    response = two_endpoints.post("/olla/llamacpp/infill", json={"input_prefix": "x"})
+    assert response.status_code == 501
+    assert response.get_json() == refusal
+
+
+def test_named_model_501_is_relayed_not_rerouted(two_endpoints: FlaskClient,
+                                                 fake: responses.RequestsMock) -> None:
+    chat = fake.post(f"{CHAT_URL}/infill", json={"error": {"code": 501}}, status=501)
+    embed = fake.post(f"{EMBED_URL}/infill", json={})
+    response = two_endpoints.post("/olla/llamacpp/infill", json={
+        "model": "llama-3.1-8b-instruct-q4_k_m.gguf", "input_prefix": "x"})
+    assert response.status_code == 501
+    assert (chat.call_count, embed.call_count) == (1, 0)
