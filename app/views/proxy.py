@@ -156,9 +156,9 @@ def _forward(subpath: str, route: Route, body: bytes, payload: dict[str, Any],
             failures.append(f"{endpoint.name}: {exc.message}")
             continue
         svc.registry.mark_reachable(candidate.state)
-        if upstream.status == 501 and not model and number < len(candidates):
-            # This server lacks the feature (embeddings off, no FIM tokens). The request names
-            # no model, so another endpoint may serve it; nothing was generated here.
+        if upstream.status == 501 and number < len(candidates):
+            # This server lacks the feature (embeddings off, no FIM tokens) and nothing was
+            # generated: another candidate (same model, or any when none is named) may have it.
             upstream.close()
             candidate.state.unsupported.add(subpath)
             failures.append(f"{endpoint.name}: does not support /{subpath}")
