@@ -80,9 +80,10 @@ class Upstream:
                 or "Content-Length" not in headers)
 
     def read(self) -> bytes:
-        """The whole body (for responses with a length)."""
+        """The whole body (for responses with a length), as sent: not decompressed, since
+        its Content-Encoding is relayed too."""
         try:
-            return self.response.content
+            return self.response.raw.read(decode_content=False)  # type: ignore[no-any-return]
         except (requests.RequestException, Urllib3HTTPError, OSError) as exc:
             raise _translate(exc) from exc
         finally:
@@ -132,6 +133,8 @@ class UpstreamPool:
             session.mount("http://", adapter)
             session.mount("https://", adapter)
             session.trust_env = False
+            # No default User-Agent or Accept-Encoding: the upstream sees the client's own.
+            session.headers.clear()
             self._sessions[endpoint.name] = session
 
     def open(self, endpoint: Endpoint, method: str, path: str, *, body: bytes | None = None,

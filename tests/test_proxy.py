@@ -442,3 +442,25 @@ def test_named_model_501_is_relayed_not_rerouted(two_endpoints: FlaskClient,
         "model": "llama-3.1-8b-instruct-q4_k_m.gguf", "input_prefix": "x"})
     assert response.status_code == 501
     assert (chat.call_count, embed.call_count) == (1, 0)
+
+
+def test_compressed_upstream_body_relayed_as_sent(two_endpoints: FlaskClient,
+                                                  fake: responses.RequestsMock) -> None:
+    import gzip
+
+    packed = gzip.compress(b'{"tokens": [1, 2, 3]}')
+    fake.post(f"{CHAT_URL}/tokenize", body=packed, content_type="application/json",
+              headers={"Content-Encoding": "gzip"})
+    response = two_endpoints.post("/olla/llamacpp/tokenize", json={"content": "x"},
+                                  headers={"Accept-Encoding": "gzip"})
+    assert response.headers["Content-Encoding"] == "gzip"
+    assert response.data == packed
+
+
+def test_no_accept_encoding_added_upstream(two_endpoints: FlaskClient,
+                                           fake: responses.RequestsMock) -> None:
+    upstream = fake.post(f"{CHAT_URL}/tokenize", json={"tokens": [1]})
+    two_endpoints.post("/olla/llamacpp/tokenize", json={"content": "x"})
+    sent = upstream.calls[0].request.headers
+    assert "Accept-Encoding" not in sent
+    assert not sent.get("User-Agent", "").startswith("python-requests")

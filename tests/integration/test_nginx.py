@@ -1,0 +1,212 @@
+"""A real nginx running deploy/nginx.conf in front of the proxy (gunicorn, gevent worker).
+
+The gated upstream sends one SSE event and then holds the stream open until the test has
+read that event *through nginx and the proxy*. If nginx buffered the stream, the first event
+would not arrive while the upstream holds, and the test fails after a bounded wait.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from .gated_upstream import GatedUpstream
+from .procs import ROOT, Proxy, free_port, wait_http
+
+SITE_CONF = ROOT / "deploy" / "nginx.conf"
+DEFAULT_UPSTREAM = "server 127.0.0.1:40114;"
+DEFAULT_LISTEN = "listen 80;"
+FIRST_EVENT_WAIT = 10.0  # seconds the first event may take through nginx and the proxy
+COMPLETION = "/olla/llamacpp/completion"
+
+
+def nginx_binary() -> str:
+    """The nginx executable; fail (do not skip) without one: CI installs nginx."""
+    found = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+    if found is None:
+        pytest.fail("nginx is not installed (not on PATH, no /usr/sbin/nginx): install nginx "
+                    "to run this test (e.g. apt-get install nginx)", pytrace=False)
+    return found
+
+
+def site_config(proxy_port: int, listen_port: int) -> str:
+    """deploy/nginx.conf pointed at the test proxy and listening on a loopback port."""
+    text = SITE_CONF.read_text()
+    assert text.count(DEFAULT_UPSTREAM) == 1, f"{SITE_CONF}: no single `{DEFAULT_UPSTREAM}`"
+    assert text.count(DEFAULT_LISTEN) == 1, f"{SITE_CONF}: no single `{DEFAULT_LISTEN}`"
+    text = text.replace(DEFAULT_UPSTREAM, f"server 127.0.0.1:{proxy_port};")
+    return text.replace(DEFAULT_LISTEN, f"listen 127.0.0.1:{listen_port};")
+
+
+def main_config(prefix: Path) -> str:
+    """A minimal main nginx.conf that keeps every file nginx writes under ``prefix``."""
+    user = ""
+    if os.geteuid() == 0:
+        # Workers would run as "nobody", which cannot enter pytest's 0700 temp directory.
+        user = (f"user {pwd.getpwuid(os.geteuid()).pw_name} "
+                f"{grp.getgrgid(os.getegid()).gr_name};\n")
+    return (
+        f"{user}"
+        "daemon off;\n"
+        "master_process on;\n"
+        "worker_processes 1;\n"
+        f"pid {prefix / 'nginx.pid'};\n"
+        f"error_log {prefix / 'error.log'} info;\n"
+        "events {}\n"
+        "http {\n"
+        "    access_log off;\n"
+        f"    client_body_temp_path {prefix / 'client_body'};\n"
+        f"    proxy_temp_path {prefix / 'proxy'};\n"
+        f"    fastcgi_temp_path {prefix / 'fastcgi'};\n"
+        f"    uwsgi_temp_path {prefix / 'uwsgi'};\n"
+        f"    scgi_temp_path {prefix / 'scgi'};\n"
+        f"    include {prefix / 'site.conf'};\n"
+        "}\n"
+    )
+
+
+def stop_nginx(process: subprocess.Popen[bytes]) -> None:
+    """Fast shutdown (SIGTERM: the master stops its workers), then kill the whole group."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            # Killing only the master would orphan its workers: kill the group we started.
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def logs(prefix: Path) -> str:
+    parts = []
+    for name in ("error.log", "stderr.log"):
+        path = prefix / name
+        if path.exists():
+            parts.append(f"--- nginx {name}:\n{path.read_text()[-4000:]}")
+    return "\n".join(parts)
+
+
+@dataclass
+class Stack:
+    gated: GatedUpstream
+    proxy: Proxy
+    prefix: Path
+    url: str
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Gated upstream <- proxy under gunicorn <- nginx with deploy/nginx.conf."""
+    nginx = nginx_binary()
+    prefix = tmp_path_factory.mktemp("nginx")
+    gated = GatedUpstream().start()
+    proxy = Proxy({"endpoints": [{"url": gated.url, "name": "gated", "type": "llamacpp"}]})
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        proxy.start()
+        port = free_port()
+        (prefix / "site.conf").write_text(site_config(proxy.port, port))
+        (prefix / "nginx.conf").write_text(main_config(prefix))
+        command = [nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
+                   "-e", str(prefix / "error.log")]
+        check = subprocess.run([*command, "-t"], capture_output=True, timeout=30, check=False)
+        assert check.returncode == 0, (
+            f"nginx -t rejected the config:\n{check.stderr.decode(errors='replace')}")
+        with open(prefix / "stderr.log", "wb") as stderr:
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.DEVNULL, stderr=stderr,
+                                       start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_http(url + "/olla/llamacpp/v1/models", process, timeout=15, ok=(200, 503))
+        except RuntimeError as exc:
+            pytest.fail(f"nginx did not come up: {exc}\n{logs(prefix)}", pytrace=False)
+        yield Stack(gated, proxy, prefix, url)
+    finally:
+        if process is not None:
+            stop_nginx(process)
+        # Release a held stream first, so gunicorn's graceful stop does not wait for it.
+        gated.stop()
+        proxy.stop()
+
+
+def header(headers: dict[str, str], name: str) -> str | None:
+    """A header from the upstream's record of a request, whatever its case."""
+    return next((v for k, v in headers.items() if k.lower() == name.lower()), None)
+
+
+def test_stream_is_not_buffered_by_nginx(stack: Stack) -> None:
+    gated = stack.gated
+    gated.reset()
+    received = b""
+    with contextlib.ExitStack() as cleanup:
+        session = cleanup.enter_context(requests.Session())
+        deadline = time.monotonic() + FIRST_EVENT_WAIT
+        try:
+            # A buffering nginx may hold back the headers too, so they count in the wait.
+            response = cleanup.enter_context(session.post(
+                stack.url + COMPLETION, json={"prompt": "hi", "stream": True},
+                headers={"X-Request-Id": "nginx-test-1"}, stream=True,
+                timeout=(5, FIRST_EVENT_WAIT)))
+            assert response.status_code == 200, response.text
+            chunks = response.iter_content(chunk_size=None)
+            while b"\n\n" not in received:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("first event not complete in time")
+                received += next(chunks)
+        except (requests.RequestException, TimeoutError, StopIteration) as exc:
+            pytest.fail(f"no first SSE event within {FIRST_EVENT_WAIT} s while the upstream "
+                        f"held the stream: nginx (or the proxy) buffers it ({exc!r}); "
+                        f"got {received!r}\n{logs(stack.prefix)}", pytrace=False)
+        held = not gated.gate.is_set()
+        assert held, "the upstream was released before the first event arrived"
+        first, _, rest = received.partition(b"\n\n")
+        assert first.startswith(b"data: ")
+        assert b'"content":"first"' in first
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        assert response.headers["X-Olla-Endpoint"] == "gated"
+        assert response.headers["X-Olla-Request-Id"] == "nginx-test-1"
+
+        gated.release()
+        deadline = time.monotonic() + FIRST_EVENT_WAIT
+        for chunk in chunks:
+            rest += chunk
+            assert time.monotonic() < deadline, "the rest of the stream took too long"
+        events = [e for e in rest.split(b"\n\n") if e.strip()]
+        assert events, f"no event after the first: {rest!r}"
+        assert b'"released":true' in events[-1], events[-1]
+        assert b'"stop":true' in events[-1], events[-1]
+
+    # What nginx forwarded, as the upstream saw it through the proxy.
+    sent = gated.requests[-1]
+    assert sent["path"] == "/completion"
+    assert header(sent["headers"], "X-Request-Id") == "nginx-test-1"
+    assert header(sent["headers"], "X-Forwarded-Proto") == "http"
+    # nginx adds the client, the proxy adds nginx: both loopback here.
+    assert header(sent["headers"], "X-Forwarded-For") == "127.0.0.1, 127.0.0.1"
+
+
+def test_validation_error_is_relayed_as_json(stack: Stack) -> None:
+    with requests.Session() as session, session.post(
+            stack.url + COMPLETION, json={"prompt": "x", "temperature": 5},
+            timeout=10) as response:
+        assert response.status_code == 400, response.text
+        assert response.headers["Content-Type"].startswith("application/json")
+        assert response.json()["error"]["code"] == "invalid_parameter"
+        # No client id: nginx sends its $request_id (32 hex digits), which the proxy keeps.
+        request_id = response.headers["X-Olla-Request-Id"]
+        assert len(request_id) == 32
+        assert all(c in "0123456789abcdef" for c in request_id)
