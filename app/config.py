@@ -152,8 +152,10 @@ class ServerSchema(Strict):
 
 
 class ProxySchema(Strict):
-    connection_timeout = Duration()
-    read_timeout = Duration()
+    connection_timeout = Duration(validate=validate.Range(min=0, min_inclusive=False,
+                                                          error="must be longer than 0"))
+    read_timeout = Duration(validate=validate.Range(min=0, min_inclusive=False,
+                                                    error="must be longer than 0"))
     load_balancer = fields.String(
         validate=validate.OneOf(["least-connections", "priority", "round-robin", "least-busy"])
     )
@@ -168,12 +170,15 @@ class EndpointSchema(Strict):
     headers = fields.Dict(keys=fields.String(), values=fields.String())
     health_check_url = fields.String()
     model_url = fields.String()
-    check_interval = Duration()
-    check_timeout = Duration()
+    check_interval = Duration(validate=validate.Range(min=0, min_inclusive=False,
+                                                      error="must be longer than 0"))
+    check_timeout = Duration(validate=validate.Range(min=0, min_inclusive=False,
+                                                     error="must be longer than 0"))
 
 
 class StaticSchema(Strict):
-    endpoints = fields.List(fields.Nested(EndpointSchema))
+    # `endpoints:` with every entry commented out is YAML null: no endpoints.
+    endpoints = fields.List(fields.Nested(EndpointSchema), allow_none=True)
 
 
 class DiscoverySchema(Strict):
@@ -182,7 +187,8 @@ class DiscoverySchema(Strict):
 
 
 class RoutingSchema(Strict):
-    prefixes = fields.List(fields.String(validate=validate.OneOf(KNOWN_PREFIXES)))
+    prefixes = fields.List(fields.String(validate=validate.OneOf(KNOWN_PREFIXES)),
+                           validate=validate.Length(min=1, error="must list at least one prefix"))
 
 
 class EmbeddedSchema(Strict):
@@ -203,7 +209,8 @@ class LoggingSchema(Strict):
 class ConfigSchema(Strict):
     server = fields.Nested(ServerSchema)
     proxy = fields.Nested(ProxySchema)
-    endpoints = fields.List(fields.Nested(EndpointSchema))
+    # `endpoints:` with every entry commented out is YAML null: no endpoints.
+    endpoints = fields.List(fields.Nested(EndpointSchema), allow_none=True)
     discovery = fields.Nested(DiscoverySchema)
     routing = fields.Nested(RoutingSchema)
     model_aliases = fields.Dict(
@@ -298,7 +305,7 @@ def settings_from_mapping(raw: Mapping[str, Any] | None,
     endpoint_list = data.get("endpoints")
     list_key = "endpoints"
     if endpoint_list is None:
-        endpoint_list = data.get("discovery", {}).get("static", {}).get("endpoints", [])
+        endpoint_list = data.get("discovery", {}).get("static", {}).get("endpoints") or []
         list_key = "discovery.static.endpoints"
     endpoints = tuple(_endpoint(e, f"{list_key}[{i}]", environ)
                       for i, e in enumerate(endpoint_list))

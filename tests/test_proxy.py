@@ -97,7 +97,9 @@ def test_invalid_input_is_400_without_contacting_upstream(
     assert upstream.call_count == 0
 
 
-@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"\"text\"", b"null", b"", b"\xff\xfe"])
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"\"text\"", b"null", b"", b"\xff\xfe",
+                                 b"{\"prompt\": \"x\", \"temperature\": NaN}",
+                                 b"{\"prompt\": \"x\", \"repeat_penalty\": Infinity}"])
 def test_malformed_or_non_object_body_is_400(two_endpoints: FlaskClient, raw: bytes) -> None:
     response = two_endpoints.post("/olla/llamacpp/completion", data=raw)
     assert response.status_code == 400
@@ -194,7 +196,8 @@ def test_models_skip_unreachable_endpoints(fake: responses.RequestsMock,
 
 @pytest.mark.parametrize("name", ["nomic-embed-text-v1.5.Q4_K_M.gguf",
                                   "/srv/models/nomic-embed-text-v1.5.Q4_K_M.gguf",
-                                  "nomic-embed-text-v1.5.q4_k_m", "NOMIC-EMBED-TEXT-V1.5.Q4_K_M.GGUF"])
+                                  "nomic-embed-text-v1.5.q4_k_m",
+                                  "NOMIC-EMBED-TEXT-V1.5.Q4_K_M.GGUF"])
 def test_named_model_routes_to_its_endpoint(two_endpoints: FlaskClient,
                                             fake: responses.RequestsMock, name: str) -> None:
     chat = fake.post(f"{CHAT_URL}/v1/embeddings", json={"from": "chat"})

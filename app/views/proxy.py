@@ -92,12 +92,16 @@ def _route(prefix: str, subpath: str) -> Route:
     return route
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def _parse(body: bytes) -> dict[str, Any]:
     """The JSON object in the body, whatever the Content-Type (as llama.cpp does)."""
     if not body.strip():
         raise InvalidRequest("Invalid request: the body must be a JSON object")
     try:
-        payload = json.loads(body)
+        payload = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"Invalid JSON body: {exc}") from exc
     if not isinstance(payload, dict):

@@ -24,6 +24,7 @@ class GatedUpstream:
         self.first_sent = threading.Event()
         self.hold_seconds = hold_seconds
         self.requests: list[dict[str, Any]] = []
+        self.open_sockets: list[Any] = []
         upstream = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -61,6 +62,7 @@ class GatedUpstream:
                 body = json.loads(self.rfile.read(length) or b"{}")
                 upstream.requests.append({"path": self.path, "body": body,
                                           "headers": dict(self.headers)})
+                upstream.open_sockets.append(self.connection)
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Transfer-Encoding", "chunked")

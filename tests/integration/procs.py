@@ -46,10 +46,11 @@ def wait_http(url: str, process: subprocess.Popen[bytes], timeout: float = 60.0,
     raise RuntimeError(f"{url} not ready after {timeout} s: {last}")
 
 
-def stop_process(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL, and reap."""
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 10.0,
+                 sig: int = signal.SIGTERM) -> None:
+    """``sig`` (SIGTERM), then SIGKILL, and reap."""
     if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(sig)
         try:
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -135,8 +136,10 @@ class Proxy:
         return self
 
     def stop(self) -> None:
+        # SIGINT is gunicorn's quick shutdown: SIGTERM would wait for idle keep-alive
+        # connections that test clients leave open.
         if self.process is not None:
-            stop_process(self.process)
+            stop_process(self.process, sig=signal.SIGINT)
         for path in (self.config_path, self.log_path):
             if path is not None and path.exists():
                 path.unlink()
