@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 from flask import Flask
 
 from .config import Settings, load_settings
@@ -21,7 +19,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = with_embedded_endpoint(settings or load_settings())
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.server.max_body_size
-    logging.getLogger("app").setLevel(settings.log_level.upper())
     app.extensions["olla"] = Services.build(settings, __version__)
     app.register_blueprint(proxy_bp)
     register_error_handlers(app)

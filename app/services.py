@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flask import current_app
+from flask import Flask, current_app
 
 from .config import Settings
 from .registry import Registry
@@ -34,6 +34,11 @@ class Services:
         self.pool.close()
 
 
+def services_of(app: Flask) -> Services:
+    """An app's services."""
+    return app.extensions["olla"]  # type: ignore[no-any-return]
+
+
 def services() -> Services:
     """The current app's services."""
-    return current_app.extensions["olla"]  # type: ignore[no-any-return]
+    return services_of(current_app)  # type: ignore[arg-type]

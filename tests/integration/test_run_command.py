@@ -1,0 +1,89 @@
+"""The README's run command with no endpoints: an embedded llama.cpp answers the spec's
+curl and OpenAI SDK examples at once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+
+from .procs import ROOT, free_port, stop_process, wait_http
+
+pytestmark = pytest.mark.integration
+
+SPEC_CHAT_MODEL = "llama-3.1-8b-instruct-q4_k_m.gguf"
+SPEC_EMBED_MODEL = "nomic-embed-text-v1.5.Q4_K_M.gguf"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    config = tmp_path_factory.mktemp("demo") / "config.yaml"
+    config.write_text("endpoints: []\nembedded:\n  n_parallel: 2\n  n_ctx: 4096\n")
+    port = free_port()
+    log = config.with_suffix(".log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app", "--config", str(config), "--bind", f"127.0.0.1:{port}"],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/olla/llamacpp/v1/models", process, timeout=120)
+        yield url
+    finally:
+        stop_process(process, timeout=20)
+        log.close()
+        text = Path(log.name).read_text()
+        assert "Traceback" not in text, text
+
+
+def test_spec_curl_examples(demo: str) -> None:
+    base = demo + "/olla/llamacpp"
+    models = requests.get(base + "/v1/models", timeout=10).json()
+    assert [m["id"] for m in models["data"]] == ["gemma-3-270m-q4_k_m.gguf"]
+    completion = requests.post(base + "/completion", timeout=60, json={
+        "prompt": "The future of AI is", "n_predict": 20, "temperature": 0.7, "top_k": 40,
+        "top_p": 0.9, "repeat_penalty": 1.1, "stream": False}).json()
+    assert completion["content"] and completion["stop"] is True
+    chat = requests.post(base + "/v1/chat/completions", timeout=60, json={
+        "model": SPEC_CHAT_MODEL, "messages": [
+            {"role": "system", "content": "You are a helpful AI assistant."},
+            {"role": "user", "content": "What are the best practices for llama.cpp?"}],
+        "temperature": 0.7, "max_tokens": 30, "stream": False})
+    assert chat.status_code == 200, chat.text
+    assert chat.headers["X-Olla-Model"] == SPEC_CHAT_MODEL
+    tokens = requests.post(base + "/tokenize", timeout=10,
+                           json={"content": "Hello, world! This is a test."}).json()["tokens"]
+    text = requests.post(base + "/detokenize", timeout=10, json={"tokens": tokens}).json()
+    assert text["content"].strip() == "Hello, world! This is a test."
+    embedding = requests.post(base + "/embedding", timeout=30, json={
+        "content": "llama.cpp enables efficient LLM inference with GGUF quantization"})
+    assert embedding.status_code == 200, embedding.text
+    infill = requests.post(base + "/infill", timeout=30, json={
+        "input_prefix": "def fibonacci(n):\n    ", "input_suffix": "\n    return result",
+        "n_predict": 100, "temperature": 0.2, "stop": ["\n\n"]})
+    assert infill.status_code == 501  # Gemma has no FIM tokens; llama.cpp's answer, relayed
+    assert infill.json()["error"]["type"] == "not_supported_error"
+
+
+def test_spec_openai_sdk_example(demo: str) -> None:
+    client = openai.OpenAI(base_url=demo + "/olla/llamacpp/v1", api_key="not-needed",
+                           max_retries=0)
+    try:
+        response = client.chat.completions.create(
+            model=SPEC_CHAT_MODEL,
+            messages=[{"role": "system", "content": "You are a helpful assistant."},
+                      {"role": "user", "content": "Explain GGUF quantization"}],
+            temperature=0.7, max_tokens=20)
+        assert response.choices[0].message.content
+        stream = client.chat.completions.create(
+            model=SPEC_CHAT_MODEL, messages=[{"role": "user", "content": "Count to 10 slowly"}],
+            stream=True, max_tokens=10)
+        assert sum(1 for c in stream if c.choices and c.choices[0].delta.content) >= 2
+        embeddings = client.embeddings.create(model=SPEC_EMBED_MODEL, input="Text to embed")
+        assert len(embeddings.data[0].embedding) > 100
+    finally:
+        client.close()
