@@ -13,7 +13,7 @@ test:
 	.venv/bin/python -m pytest
 
 lint:
-	.venv/bin/ruff check app tests bench wsgi.py gunicorn.conf.py
+	.venv/bin/ruff check .
 	.venv/bin/mypy
 
 pytest:
