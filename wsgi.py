@@ -1,7 +1,12 @@
-"""Production entry point: ``gunicorn wsgi:app`` (gunicorn.conf.py sets the gevent worker)."""
+"""Production entry point: ``gunicorn wsgi:app`` (gunicorn.conf.py sets the gevent worker).
+
+Imported once per worker (no preload), after the gevent worker has patched the standard
+library, so the health-check greenlet started here belongs to this worker.
+"""
 
 from app import create_app, logs
 from app.services import services_of
 
 app = create_app()
 logs.configure(services_of(app).settings)
+services_of(app).start_background()

@@ -1,19 +1,30 @@
-"""olla-py: one fast, reliable endpoint in front of many llama.cpp servers."""
+"""olla-py: one fast, reliable endpoint in front of many llama.cpp servers.
+
+Importing this package imports nothing heavy: gunicorn's master reads the config before
+its gevent workers patch the standard library, and nothing that opens sockets, creates
+locks or imports ssl may be loaded by then.
+"""
 
 from __future__ import annotations
 
-from flask import Flask
+from typing import TYPE_CHECKING
 
-from .config import Settings, load_settings
-from .errors import register_error_handlers
-from .services import Services
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from .config import Settings
 
 __version__ = "0.1.0"
 
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the Flask app: settings, services in ``app.extensions``, blueprints, errors."""
+    from flask import Flask
+
+    from .config import load_settings
     from .embedded import with_embedded_endpoint
+    from .errors import register_error_handlers
+    from .services import Services
     from .views.proxy import bp as proxy_bp
 
     settings = with_embedded_endpoint(settings or load_settings())

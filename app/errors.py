@@ -62,6 +62,12 @@ class ModelNotFound(ProxyError):
     code = "model_not_found"
 
 
+class ModelUnavailable(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "model_unavailable"
+
+
 class NoEndpointAvailable(ProxyError):
     status = 503
     type = "server_error"

@@ -12,10 +12,11 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
+from .concurrency import each
 from .config import Endpoint
 from .errors import UpstreamError
 from .upstream import UpstreamPool
@@ -34,26 +35,71 @@ def name_key(name: str) -> str:
     return key[:-5] if key.endswith(".gguf") else key
 
 
+class Status(StrEnum):
+    """An endpoint's health, as every status route shows it."""
+
+    UNKNOWN = "unknown"        # not probed yet
+    HEALTHY = "healthy"        # /health 200: routable
+    LOADING = "loading"        # llama.cpp's 503 "Loading model": soon, not a failure
+    UNHEALTHY = "unhealthy"    # any other error answer
+    OFFLINE = "offline"        # refused, reset, timed out
+    AUTH_ERROR = "auth_error"  # 401/403: the configured API key is wrong or missing
+
+
 @dataclass
 class EndpointState:
-    """What the proxy knows about one endpoint."""
+    """What this worker knows about one endpoint: models, health and traffic."""
 
     endpoint: Endpoint
+    # Discovery.
     models: list[dict[str, Any]] = field(default_factory=list)
     names: frozenset[str] = frozenset()
     props: dict[str, Any] = field(default_factory=dict)
-    discovered_at: float | None = None
+    discovered_at: float | None = None          # monotonic
+    discovered_wall: float | None = None
     attempted_at: float = 0.0
-    reachable: bool | None = None
-    last_error: str | None = None
+    discovery_error: str | None = None
     # Routes this endpoint answered 501 to (e.g. embeddings on a server started without them).
     unsupported: set[str] = field(default_factory=set)
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Health.
+    status: Status = Status.UNKNOWN
+    detail: str = ""
+    failures: int = 0                           # consecutive failed probes or requests
+    checked_wall: float | None = None
+    next_check: float = 0.0                     # monotonic
+    probe_ms: float | None = None
+    # Traffic through this worker.
+    in_flight: int = 0
+    requests: int = 0
+    successes: int = 0
+    latency_min_ms: float | None = None
+    latency_max_ms: float = 0.0
+    latency_sum_ms: float = 0.0
+    # Looked up when called: the class may be defined before gevent patches threading.
+    lock: threading.Lock = field(default_factory=lambda: threading.Lock(), repr=False)
+
+    @property
+    def routable(self) -> bool:
+        """Whether new requests may be sent here."""
+        return self.status is Status.HEALTHY
 
     @property
     def primary_model(self) -> str | None:
         """The name this endpoint's model is listed under."""
         return self.models[0]["id"] if self.models else None
+
+    @property
+    def total_slots(self) -> int | None:
+        """llama.cpp's ``--parallel``, from /props."""
+        value = self.props.get("total_slots")
+        return value if isinstance(value, int) else None
+
+    @property
+    def n_ctx(self) -> int | None:
+        """Context per slot, from /props."""
+        settings = self.props.get("default_generation_settings")
+        value = settings.get("n_ctx") if isinstance(settings, dict) else None
+        return value if isinstance(value, int) else None
 
     def serves(self, keys: Iterable[str]) -> bool:
         """True if any of the name keys is one of this endpoint's names."""
@@ -65,6 +111,15 @@ class EndpointState:
             if any(k in model["_keys"] for k in keys):
                 return str(model["id"])
         return None
+
+    def record_request(self, ok: bool, latency_ms: float) -> None:
+        """Count one finished request."""
+        self.requests += 1
+        self.successes += ok
+        self.latency_sum_ms += latency_ms
+        self.latency_max_ms = max(self.latency_max_ms, latency_ms)
+        if self.latency_min_ms is None or latency_ms < self.latency_min_ms:
+            self.latency_min_ms = latency_ms
 
 
 def parse_models(document: Any, props: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -94,10 +149,11 @@ class Registry:
     """Discovered state of every configured endpoint."""
 
     def __init__(self, endpoints: tuple[Endpoint, ...], pool: UpstreamPool,
-                 retry_after: float = 2.0) -> None:
+                 retry_after: float = 2.0, discovery_interval: float = 30.0) -> None:
         self.states = {e.name: EndpointState(e) for e in endpoints}
         self.pool = pool
         self.retry_after = retry_after
+        self.discovery_interval = discovery_interval
 
     def __iter__(self) -> Any:
         return iter(self.states.values())
@@ -110,13 +166,22 @@ class Registry:
             try:
                 status, document = self.pool.get_json(endpoint, endpoint.model_url,
                                                        endpoint.check_timeout)
+                if status in (401, 403) and endpoint.sends_credentials:
+                    state.status = Status.AUTH_ERROR
+                    state.detail = (f"{endpoint.model_url} answered {status}: the API key in "
+                                    "this endpoint's headers is wrong")
+                    raise UpstreamError(state.detail)
+                if status in (401, 403):
+                    # No key in the config: clients may bring their own, so keep routing
+                    # requests that name no model; this endpoint's models stay unknown.
+                    raise UpstreamError(f"{endpoint.model_url} answered {status}: it needs "
+                                        "an API key; set one in this endpoint's headers")
                 if status != 200:
                     raise UpstreamError(f"{endpoint.model_url} answered {status}")
                 props_status, props = self.pool.get_json(endpoint, "/props",
                                                          endpoint.check_timeout)
             except UpstreamError as exc:
-                state.reachable = False
-                state.last_error = exc.message
+                state.discovery_error = exc.message
                 log.warning("discovery failed for %s: %s", endpoint.name, exc.message)
                 return False
             state.props = props if props_status == 200 and isinstance(props, dict) else {}
@@ -126,17 +191,15 @@ class Registry:
                 state.unsupported.clear()  # another model now: what it lacks is unknown
             state.names = names
             state.discovered_at = time.monotonic()
-            state.reachable = True
-            state.last_error = None
+            state.discovered_wall = time.time()
+            state.discovery_error = None
+            if state.status is Status.AUTH_ERROR:
+                state.status = Status.UNKNOWN  # the key works now; the next probe decides
             return True
 
     def discover_many(self, states: list[EndpointState]) -> None:
         """Discover several endpoints concurrently."""
-        if len(states) == 1:
-            self.discover(states[0])
-        elif states:
-            with ThreadPoolExecutor(max_workers=min(8, len(states))) as executor:
-                list(executor.map(self.discover, states))
+        each(self.discover, states)
 
     def due(self, state: EndpointState, max_age: float | None = None) -> bool:
         """Whether an endpoint should be (re)discovered now."""
@@ -148,23 +211,19 @@ class Registry:
         return max_age is not None and now - state.discovered_at > max_age
 
     def refresh(self, max_age: float | None = None) -> None:
-        """Discover the endpoints never discovered (or older than ``max_age`` seconds)."""
-        self.discover_many([s for s in self.states.values() if self.due(s, max_age)])
-
-    def mark_unreachable(self, state: EndpointState, reason: str) -> None:
-        """Record that a request could not reach an endpoint."""
-        state.reachable = False
-        state.last_error = reason
-
-    def mark_reachable(self, state: EndpointState) -> None:
-        """Record that an endpoint answered a request."""
-        state.reachable = True
+        """Discover, on the request path, endpoints the health loop has not covered: never
+        discovered and not known to be down (or older than ``max_age`` seconds)."""
+        self.discover_many([
+            s for s in self.states.values()
+            if s.status in (Status.UNKNOWN, Status.HEALTHY) and self.due(s, max_age)])
 
     def models(self) -> list[dict[str, Any]]:
-        """Reachable endpoints' models merged into one OpenAI list, de-duplicated by id."""
+        """Routable endpoints' models merged into one OpenAI list, de-duplicated by id
+        (endpoints not probed yet count while they answered discovery)."""
         seen: dict[str, dict[str, Any]] = {}
         for state in sorted(self.states.values(), key=lambda s: -s.endpoint.priority):
-            if not state.reachable:
+            if not (state.routable or (state.status is Status.UNKNOWN
+                                       and state.discovery_error is None)):
                 continue
             for model in state.models:
                 if model["id"] not in seen:

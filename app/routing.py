@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .errors import ModelNotFound
-from .registry import EndpointState, Registry, name_key
+from .balancer import Balancer
+from .errors import ModelNotFound, ModelUnavailable, NoEndpointAvailable
+from .registry import EndpointState, Registry, Status, name_key
 
 
 @dataclass(frozen=True)
@@ -17,25 +18,44 @@ class Candidate:
     model: str | None
 
 
-class Router:
-    """Chooses candidate endpoints: those serving the model, highest priority first."""
+def describe(states: list[EndpointState]) -> str:
+    """``a (offline), b (loading)``: for error messages."""
+    return ", ".join(f"{s.endpoint.name} ({s.status.value})" for s in states)
 
-    def __init__(self, registry: Registry, aliases: Mapping[str, tuple[str, ...]]) -> None:
+
+class Router:
+    """Chooses candidate endpoints: routable ones serving the model, in balancer order."""
+
+    def __init__(self, registry: Registry, aliases: Mapping[str, tuple[str, ...]],
+                 balancer: Balancer) -> None:
         self.registry = registry
         self.aliases = {name_key(k): v for k, v in aliases.items()}
+        self.balancer = balancer
 
     def _ordered(self, states: list[EndpointState], route: str) -> list[EndpointState]:
-        # Endpoints known to lack the route's feature, then those known to be down, go last:
-        # still tried, but only after the others.
-        return sorted(states, key=lambda s: (route in s.unsupported, s.reachable is False,
-                                             -s.endpoint.priority))
+        routable = [s for s in states if s.routable]
+        # Not probed yet (no health loop running, or just started): tried after the routable.
+        unknown = [s for s in states if s.status is Status.UNKNOWN]
+        ordered = self.balancer(routable) + sorted(unknown, key=lambda s: -s.endpoint.priority)
+        # Endpoints known to lack the route's feature go last: tried only if nobody else can.
+        return sorted(ordered, key=lambda s: route in s.unsupported)
 
     def candidates(self, model: str | None, route: str = "") -> list[Candidate]:
-        """Endpoints for a request; raises ModelNotFound when nobody serves ``model``."""
+        """Endpoints for a request, best first.
+
+        Raises ModelNotFound when nobody serves ``model``, ModelUnavailable when only
+        endpoints that cannot take requests now serve it, NoEndpointAvailable when no
+        endpoint can take a request that names no model.
+        """
         self.registry.refresh()
         states = list(self.registry)
         if not model:
-            return [Candidate(s, None) for s in self._ordered(states, route)]
+            ordered = self._ordered(states, route)
+            if not ordered:
+                raise NoEndpointAvailable(
+                    "No llama.cpp endpoint is available" +
+                    (f": {describe(states)}" if states else " (none configured)"))
+            return [Candidate(s, None) for s in ordered]
         targets = self.aliases.get(name_key(model), (model,))
         keys = [name_key(t) for t in targets]
         serving = [s for s in states if s.serves(keys)]
@@ -45,6 +65,10 @@ class Router:
             serving = [s for s in states if s.serves(keys)]
         if not serving:
             raise ModelNotFound(f"Model not found: {model}")
+        ordered = self._ordered(serving, route)
+        if not ordered:
+            raise ModelUnavailable(
+                f"Model {model} is served only by endpoints that cannot take requests now: "
+                f"{describe(serving)}")
         aliased = name_key(model) in self.aliases
-        return [Candidate(s, s.native_name(keys) if aliased else None)
-                for s in self._ordered(serving, route)]
+        return [Candidate(s, s.native_name(keys) if aliased else None) for s in ordered]

@@ -6,9 +6,12 @@ from dataclasses import dataclass
 
 from flask import Flask, current_app
 
+from .balancer import make_balancer
 from .config import Settings
+from .health import HealthLoop
 from .registry import Registry
 from .routing import Router
+from .stats import Stats
 from .upstream import UpstreamPool
 
 
@@ -21,16 +24,26 @@ class Services:
     pool: UpstreamPool
     registry: Registry
     router: Router
+    health: HealthLoop
+    stats: Stats
 
     @classmethod
     def build(cls, settings: Settings, version: str) -> Services:
         """Wire the services for one app."""
         pool = UpstreamPool(settings.endpoints, settings.proxy)
-        registry = Registry(settings.endpoints, pool)
-        return cls(settings, version, pool, registry, Router(registry, settings.model_aliases))
+        registry = Registry(settings.endpoints, pool,
+                            discovery_interval=settings.discovery_interval)
+        router = Router(registry, settings.model_aliases,
+                        make_balancer(settings.proxy.load_balancer))
+        return cls(settings, version, pool, registry, router, HealthLoop(registry), Stats())
+
+    def start_background(self) -> None:
+        """Start this worker's health-check greenlet (call after gevent has patched)."""
+        self.health.start()
 
     def close(self) -> None:
-        """Release pooled connections."""
+        """Stop the health loop and release pooled connections."""
+        self.health.stop()
         self.pool.close()
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import HTTPError as Urllib3HTTPError
+from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
 from .config import CREDENTIAL_HEADERS, Endpoint, ProxySettings
 from .errors import UpstreamError, UpstreamTimeout
@@ -31,7 +32,8 @@ POOL_SIZE = 1024
 
 
 class UpstreamConnectError(UpstreamError):
-    """Nothing reached the upstream (refused, unreachable, connect timeout): safe to retry."""
+    """The connection failed before the upstream answered (refused, reset, connect
+    timeout): nothing reached the client, so the request may go to another endpoint."""
 
 
 def request_headers(inbound: Mapping[str, str], endpoint: Endpoint) -> dict[str, str]:
@@ -108,16 +110,15 @@ class Upstream:
         self.response.close()
 
 
-def _translate(exc: BaseException) -> UpstreamError:
-    if isinstance(exc, requests.ConnectTimeout):
-        return UpstreamConnectError(f"connection to upstream timed out: {exc}")
-    if isinstance(exc, requests.ConnectionError) and not isinstance(exc, requests.ReadTimeout):
-        text = str(exc)
-        if "Connection refused" in text or "NewConnectionError" in text or \
-                "Name or service not known" in text or "Failed to resolve" in text:
-            return UpstreamConnectError(f"upstream is not reachable: {text}")
-    if isinstance(exc, (requests.ReadTimeout, TimeoutError)):
+def _translate(exc: BaseException, answered: bool = True) -> UpstreamError:
+    """Map requests/urllib3 errors to ours. Before the upstream answered (``answered``
+    False), a refused, reset or timed-out connection is an UpstreamConnectError: nothing
+    reached the client, so another endpoint may take the request."""
+    if isinstance(exc, (requests.ReadTimeout, ReadTimeoutError, TimeoutError)) \
+            and not isinstance(exc, requests.ConnectTimeout):
         return UpstreamTimeout(f"upstream did not answer in time: {exc}")
+    if not answered and isinstance(exc, (requests.ConnectionError, ProtocolError, OSError)):
+        return UpstreamConnectError(f"upstream is not reachable: {exc}")
     return UpstreamError(f"upstream connection failed: {exc}")
 
 
@@ -147,7 +148,7 @@ class UpstreamPool:
                                        headers=dict(headers or {}), stream=True,
                                        timeout=timeout or self.timeout, allow_redirects=False)
         except (requests.RequestException, Urllib3HTTPError, OSError) as exc:
-            raise _translate(exc) from exc
+            raise _translate(exc, answered=False) from exc
         return Upstream(response)
 
     def get_json(self, endpoint: Endpoint, path: str, timeout: float) -> tuple[int, Any]:

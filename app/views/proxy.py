@@ -19,8 +19,12 @@ from ..errors import (
     MethodNotAllowed,
     NoEndpointAvailable,
     RouteNotFound,
+    UpstreamError,
 )
+from ..health import mark_failed
+from ..registry import Status
 from ..services import services
+from ..stats import Exchange, find_timings
 from ..streaming import relay
 from ..upstream import Upstream, UpstreamConnectError, request_headers, response_headers
 
@@ -135,6 +139,13 @@ def _list_models() -> Response:
 
 def _forward(subpath: str, route: Route, body: bytes, payload: dict[str, Any],
              model: str | None) -> Response:
+    """Try the candidates in order until one answers; relay that answer.
+
+    Moving on is safe only while nothing reached the client and nothing ran upstream: the
+    connection failed (refused, reset or timed out before any answer), llama.cpp answered
+    503 "Loading model", or it answered 501 (it lacks the feature). Each endpoint is tried
+    at most once; after the first byte reaches the client there is no retry.
+    """
     svc = services()
     inbound = dict(request.headers)
     inbound["X-Request-Id"] = g.request_id
@@ -147,46 +158,68 @@ def _forward(subpath: str, route: Route, body: bytes, payload: dict[str, Any],
     failures: list[str] = []
     candidates = svc.router.candidates(model, subpath)
     for number, candidate in enumerate(candidates, start=1):
-        endpoint = candidate.state.endpoint
+        state, endpoint = candidate.state, candidate.state.endpoint
+        last = number == len(candidates)
         out_body = body
         if candidate.model is not None and candidate.model != model:
             out_body = json.dumps({**payload, "model": candidate.model}).encode()
+        exchange = Exchange(state, model or candidate.model or state.primary_model or "",
+                            subpath, g.started, svc.stats)
         try:
             upstream = svc.pool.open(endpoint, "POST", path, body=out_body,
                                      headers=request_headers(inbound, endpoint))
         except UpstreamConnectError as exc:
-            # Nothing reached this endpoint, so trying the next one cannot run anything twice.
-            svc.registry.mark_unreachable(candidate.state, exc.message)
+            exchange.finish(ok=False, counted=False)
+            mark_failed(state, Status.OFFLINE, exc.message)
             failures.append(f"{endpoint.name}: {exc.message}")
             continue
-        svc.registry.mark_reachable(candidate.state)
-        if upstream.status == 501 and number < len(candidates):
+        except UpstreamError:
+            exchange.finish(ok=False)
+            raise
+        exchange.answered(upstream.status)
+        content: bytes | None = None
+        if not upstream.is_stream:
+            try:
+                content = upstream.read()
+            except UpstreamError:
+                exchange.finish(ok=False)
+                raise
+        if not last and upstream.status == 503 and content and b"Loading model" in content:
+            exchange.finish(ok=True, counted=False)
+            mark_failed(state, Status.LOADING, "llama.cpp is loading its model")
+            failures.append(f"{endpoint.name}: loading its model")
+            continue
+        if not last and upstream.status == 501:
             # This server lacks the feature (embeddings off, no FIM tokens) and nothing was
             # generated: another candidate (same model, or any when none is named) may have it.
             upstream.close()
-            candidate.state.unsupported.add(subpath)
+            exchange.finish(ok=True, counted=False)
+            state.unsupported.add(subpath)
             failures.append(f"{endpoint.name}: does not support /{subpath}")
             continue
-        return _relay(upstream, route, endpoint.name,
-                      model or candidate.model or candidate.state.primary_model or "")
-    raise NoEndpointAvailable("No llama.cpp endpoint is reachable"
+        return _relay(upstream, content, route, exchange, model)
+    raise NoEndpointAvailable("No llama.cpp endpoint could take the request"
                               + (f" ({'; '.join(failures)})" if failures else ""))
 
 
-def _relay(upstream: Upstream, route: Route, endpoint: str, model: str) -> Response:
+def _relay(upstream: Upstream, content: bytes | None, route: Route, exchange: Exchange,
+           model: str | None) -> Response:
     headers = Headers(response_headers(upstream.headers))
-    headers.set("X-Olla-Endpoint", endpoint)
-    headers.set("X-Olla-Model", model)
+    headers.set("X-Olla-Endpoint", exchange.state.endpoint.name)
+    headers.set("X-Olla-Model", model or exchange.model)
     headers.set("X-Olla-Backend-Type", BACKEND_TYPE)
-    if not upstream.is_stream:
-        body = upstream.read()
-        headers.set("X-Olla-Response-Time", _elapsed_ms())
-        return Response(body, status=upstream.status, headers=headers)
-    # Streams: the time to the upstream's headers, the only figure known before the body.
+    # Non-streamed: the whole upstream exchange. Streams: the time to the upstream's
+    # headers, the only figure known before the body starts.
     headers.set("X-Olla-Response-Time", _elapsed_ms())
+    if content is not None:
+        if b'"timings"' in content or b'"usage"' in content:
+            exchange.timings = find_timings(content)
+        exchange.finish()
+        return Response(content, status=upstream.status, headers=headers)
     headers.set("X-Accel-Buffering", "no")
     headers.set("Cache-Control", "no-cache")
-    response = Response(relay(upstream, openai=route.openai, endpoint=endpoint),
+    response = Response(relay(upstream, exchange, openai=route.openai),
                         status=upstream.status, headers=headers, direct_passthrough=True)
     response.call_on_close(upstream.close)
+    response.call_on_close(exchange.finish)
     return response

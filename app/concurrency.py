@@ -1,0 +1,36 @@
+"""Run a few blocking calls at once: greenlets under gevent, threads otherwise.
+
+(``concurrent.futures`` must not be used in a gevent worker: its queue blocks the hub.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+MAX_AT_ONCE = 16
+
+
+def _gevent_active() -> bool:
+    try:
+        from gevent import monkey
+    except ImportError:
+        return False
+    return bool(monkey.is_module_patched("socket"))
+
+
+def each(function: Callable[[T], Any], items: Sequence[T]) -> None:
+    """Call ``function`` on every item concurrently and wait for all of them."""
+    if len(items) <= 1:
+        for item in items:
+            function(item)
+        return
+    if _gevent_active():
+        from gevent.pool import Pool
+
+        Pool(min(MAX_AT_ONCE, len(items))).map(function, items)
+        return
+    with ThreadPoolExecutor(max_workers=min(MAX_AT_ONCE, len(items))) as executor:
+        list(executor.map(function, items))

@@ -1,0 +1,166 @@
+"""Health checks: ``check_once()`` decides (pure enough to drive without sleeping), and a
+background greenlet per worker calls it.
+
+Unlike Olla, llama.cpp's ``503 Loading model`` is *loading*, not unhealthy: it is not
+routed to, not counted as a failure, and checked again soon.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .concurrency import each
+from .config import Endpoint
+from .errors import UpstreamError
+from .registry import EndpointState, Registry, Status
+from .upstream import UpstreamPool
+
+log = logging.getLogger(__name__)
+
+BACKOFF_CAP = 60.0      # seconds: the longest wait between probes of a failing endpoint
+LOADING_RECHECK = 1.0   # seconds: how soon a loading endpoint is probed again
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The outcome of one probe."""
+
+    status: Status
+    detail: str
+    latency_ms: float | None = None
+
+
+def classify(status_code: int, body: bytes) -> tuple[Status, str]:
+    """An endpoint's state from its health URL's answer."""
+    if 200 <= status_code < 300:
+        return Status.HEALTHY, ""
+    text = body[:300].decode("utf-8", "replace")
+    if status_code == 503 and ("Loading model" in text or "unavailable_error" in text):
+        return Status.LOADING, "llama.cpp is loading its model"
+    if status_code in (401, 403):
+        return Status.AUTH_ERROR, (f"health check answered {status_code}: the API key in this "
+                                   "endpoint's headers is missing or wrong")
+    return Status.UNHEALTHY, f"health check answered {status_code}: {text.strip()[:200]}"
+
+
+def probe(pool: UpstreamPool, endpoint: Endpoint) -> Probe:
+    """GET the endpoint's health URL once, within its check_timeout."""
+    started = time.perf_counter()
+    try:
+        upstream = pool.open(endpoint, "GET", endpoint.health_check_url,
+                             headers=endpoint.headers,
+                             timeout=(endpoint.check_timeout, endpoint.check_timeout))
+        body = upstream.read()
+    except UpstreamError as exc:
+        return Probe(Status.OFFLINE, exc.message)
+    latency = (time.perf_counter() - started) * 1000
+    status, detail = classify(upstream.status, body)
+    return Probe(status, detail, latency)
+
+
+def backoff(interval: float, failures: int) -> float:
+    """Seconds to the next probe after ``failures`` consecutive failures (1, 2, 4... x)."""
+    if failures <= 0:
+        return interval
+    return float(min(interval * 2 ** (failures - 1), max(BACKOFF_CAP, interval)))
+
+
+def record(state: EndpointState, result: Probe, now: float) -> bool:
+    """Apply a probe result; True when the endpoint just became routable."""
+    was_routable = state.routable
+    interval = state.endpoint.check_interval
+    state.checked_wall = time.time()
+    state.probe_ms = result.latency_ms
+    if result.status is Status.HEALTHY and state.status is Status.AUTH_ERROR \
+            and state.discovery_error:
+        # /health needs no key; discovery said the key is wrong. Keep saying so until a
+        # discovery with the key succeeds (the caller rediscovers on every healthy probe).
+        state.next_check = now + backoff(interval, state.failures)
+        return False
+    state.status = result.status
+    state.detail = result.detail
+    if result.status is Status.HEALTHY:
+        state.failures = 0
+        state.next_check = now + interval
+    elif result.status is Status.LOADING:
+        state.next_check = now + min(interval, LOADING_RECHECK)
+    else:
+        state.failures += 1
+        state.next_check = now + backoff(interval, state.failures)
+    return state.routable and not was_routable
+
+
+def mark_failed(state: EndpointState, status: Status, detail: str,
+                now: float | None = None) -> None:
+    """A request found the endpoint down or loading: stop routing to it until a probe."""
+    now = time.monotonic() if now is None else now
+    if status is Status.LOADING:
+        state.status, state.detail = status, detail
+        state.next_check = min(state.next_check, now + LOADING_RECHECK)
+        return
+    if state.status is not status or state.failures == 0:
+        state.failures += 1
+        state.next_check = now + backoff(state.endpoint.check_interval, state.failures)
+    state.status, state.detail = status, detail
+
+
+def check_once(registry: Registry, now: float | None = None,
+               probe_fn: Callable[[UpstreamPool, Endpoint], Probe] = probe) -> list[str]:
+    """Probe every endpoint whose check is due, then rediscover those that just recovered,
+    whose discovery is stale, or whose key was refused. Returns the names probed."""
+    now = time.monotonic() if now is None else now
+    due = [s for s in registry if s.next_check <= now]
+    if not due:
+        return []
+
+    def check(state: EndpointState) -> None:
+        result = probe_fn(registry.pool, state.endpoint)
+        previous = state.status
+        recovered = record(state, result, now)
+        if state.status is not previous:
+            log.info("endpoint %s: %s -> %s %s", state.endpoint.name, previous.value,
+                     state.status.value, state.detail)
+        stale = state.discovered_at is None or (
+            now - state.discovered_at >= registry.discovery_interval)
+        if result.status is Status.HEALTHY and (recovered or stale or state.discovery_error):
+            registry.discover(state)
+
+    each(check, due)
+    return [s.endpoint.name for s in due]
+
+
+class HealthLoop:
+    """Runs ``check_once`` forever in a gevent greenlet (one per gunicorn worker)."""
+
+    def __init__(self, registry: Registry, tick: float = 0.25) -> None:
+        self.registry = registry
+        self.tick = tick
+        self._greenlet: Any = None
+
+    def start(self) -> None:
+        """Spawn the loop (from wsgi.py or a gunicorn hook, after gevent patched)."""
+        import gevent
+
+        if self._greenlet is None:
+            self._greenlet = gevent.spawn(self._run)
+
+    def _run(self) -> None:
+        import gevent
+
+        while True:
+            try:
+                check_once(self.registry)
+            except Exception:
+                log.exception("health check failed")
+            gevent.sleep(self.tick)
+
+    def stop(self) -> None:
+        """Kill the loop."""
+        if self._greenlet is not None:
+            self._greenlet.kill()
+            self._greenlet = None
+
