@@ -76,10 +76,9 @@ class Upstream:
 
     @property
     def is_stream(self) -> bool:
-        """True for SSE or any body without a length: relay it chunk by chunk."""
-        headers = self.response.headers
-        return (headers.get("Content-Type", "").startswith("text/event-stream")
-                or "Content-Length" not in headers)
+        """True for SSE, relayed chunk by chunk; anything else from llama.cpp is one JSON
+        document (or an error), read whole."""
+        return self.response.headers.get("Content-Type", "").startswith("text/event-stream")
 
     def read(self) -> bytes:
         """The whole body (for responses with a length), as sent: not decompressed, since

@@ -467,3 +467,108 @@ def test_no_accept_encoding_added_upstream(two_endpoints: FlaskClient,
     sent = upstream.calls[0].request.headers
     assert "Accept-Encoding" not in sent
     assert not sent.get("User-Agent", "").startswith("python-requests")
+
+
+TWIN_A, TWIN_B = "http://twin-a.test:8080", "http://twin-b.test:8080"
+
+
+@pytest.fixture
+def twins(fake: responses.RequestsMock, make_app: Callable[..., Flask]) -> FlaskClient:
+    """Two endpoints serving the same model."""
+    for url in (TWIN_A, TWIN_B):
+        add_llamacpp(fake, url, "gemma", model_path="/m/gemma-3-270m-q4_k_m.gguf")
+    app = make_app({"proxy": {"load_balancer": "priority"}, "endpoints": [
+        {"url": TWIN_A, "name": "a", "priority": 90},
+        {"url": TWIN_B, "name": "b", "priority": 80}]})
+    return app.test_client()
+
+
+LOADING = {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}
+
+
+@pytest.mark.parametrize("failure", [
+    {"body": requests.ConnectionError("[Errno 111] Connection refused")},
+    {"body": requests.ConnectionError(ConnectionResetError(104, "Connection reset by peer"))},
+    {"body": requests.ConnectTimeout("connect timed out")},
+    {"json": LOADING, "status": 503},
+])
+def test_failover_to_the_next_endpoint_before_any_byte(
+        twins: FlaskClient, fake: responses.RequestsMock, failure: dict[str, object]) -> None:
+    first = fake.post(f"{TWIN_A}/v1/chat/completions", **failure)  # type: ignore[arg-type]
+    second = fake.post(f"{TWIN_B}/v1/chat/completions", json={"ok": True})
+    response = twins.post("/olla/llamacpp/v1/chat/completions", json={
+        "model": "gemma", "messages": [{"role": "user", "content": "x"}]})
+    assert response.status_code == 200
+    assert response.headers["X-Olla-Endpoint"] == "b"
+    assert (first.call_count, second.call_count) == (1, 1)
+    # The failed endpoint is out of rotation until its next probe.
+    state = twins.application.extensions["olla"].registry.states["a"]
+    assert not state.routable
+    again = twins.post("/olla/llamacpp/v1/chat/completions", json={
+        "model": "gemma", "messages": [{"role": "user", "content": "y"}]})
+    assert again.headers["X-Olla-Endpoint"] == "b"
+    assert first.call_count == 1
+
+
+def test_each_endpoint_tried_once_then_503(twins: FlaskClient,
+                                           fake: responses.RequestsMock) -> None:
+    calls = [fake.post(f"{url}/completion", body=requests.ConnectionError("refused"))
+             for url in (TWIN_A, TWIN_B)]
+    response = twins.post("/olla/llamacpp/completion", json={"model": "gemma", "prompt": "x"})
+    assert response.status_code == 503
+    assert [c.call_count for c in calls] == [1, 1]
+    message = error_of(response)["message"]
+    assert "a:" in message and "b:" in message
+
+
+def test_loading_everywhere_relays_the_last_503(twins: FlaskClient,
+                                                fake: responses.RequestsMock) -> None:
+    for url in (TWIN_A, TWIN_B):
+        fake.post(f"{url}/completion", json=LOADING, status=503)
+    response = twins.post("/olla/llamacpp/completion", json={"model": "gemma", "prompt": "x"})
+    assert response.status_code == 503
+    assert response.get_json() == LOADING
+
+
+def test_other_5xx_is_relayed_not_retried(twins: FlaskClient,
+                                          fake: responses.RequestsMock) -> None:
+    first = fake.post(f"{TWIN_A}/completion", status=500,
+                      json={"error": {"code": 500, "message": "boom", "type": "server_error"}})
+    second = fake.post(f"{TWIN_B}/completion", json={})
+    response = twins.post("/olla/llamacpp/completion", json={"model": "gemma", "prompt": "x"})
+    assert response.status_code == 500
+    assert (first.call_count, second.call_count) == (1, 0)
+
+
+def test_stats_count_requests_and_timings(twins: FlaskClient,
+                                          fake: responses.RequestsMock) -> None:
+    fake.post(f"{TWIN_A}/completion", json={
+        "content": "x", "timings": {"predicted_n": 8, "predicted_per_second": 42.5,
+                                    "prompt_n": 3}})
+    for _ in range(2):
+        assert twins.post("/olla/llamacpp/completion",
+                          json={"model": "gemma", "prompt": "x"}).status_code == 200
+    services = twins.application.extensions["olla"]
+    state = services.registry.states["a"]
+    assert (state.requests, state.successes, state.in_flight) == (2, 2, 0)
+    model = services.stats.models["gemma"]
+    assert (model.requests, model.successes, model.failures) == (2, 2, 0)
+    assert list(model.tokens_per_second) == [42.5, 42.5]
+    assert (model.prompt_tokens, model.completion_tokens) == (6, 16)
+
+
+def test_stream_timings_read_from_the_final_event(twins: FlaskClient,
+                                                  fake: responses.RequestsMock) -> None:
+    events = (b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'
+              b'data: {"choices":[{"delta":{},"finish_reason":"stop"}],'
+              b'"usage":{"prompt_tokens":4,"completion_tokens":2},'
+              b'"timings":{"predicted_n":2,"predicted_per_second":99.0}}\n\n'
+              b"data: [DONE]\n\n")
+    fake.post(f"{TWIN_A}/v1/chat/completions", body=events, content_type="text/event-stream")
+    response = twins.post("/olla/llamacpp/v1/chat/completions", json={
+        "model": "gemma", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+    assert response.data == events
+    model = twins.application.extensions["olla"].stats.models["gemma"]
+    assert list(model.tokens_per_second) == [99.0]
+    assert model.completion_tokens == 2
+    assert twins.application.extensions["olla"].registry.states["a"].in_flight == 0

@@ -1,0 +1,86 @@
+"""Which endpoints a request may go to, by model name and endpoint state."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.balancer import priority
+from app.config import Endpoint, ProxySettings
+from app.errors import ModelNotFound, ModelUnavailable, NoEndpointAvailable
+from app.registry import Registry, Status, parse_models
+from app.routing import Router
+from app.upstream import UpstreamPool
+
+
+def router(aliases: dict[str, tuple[str, ...]] | None = None) -> Router:
+    endpoints = (Endpoint(name="chat-1", url="http://c1.test", priority=90),
+                 Endpoint(name="chat-2", url="http://c2.test", priority=90),
+                 Endpoint(name="code", url="http://code.test", priority=50))
+    registry = Registry(endpoints, UpstreamPool(endpoints, ProxySettings()))
+    served = {"chat-1": "/m/llama-3.1-8b-instruct-q4_k_m.gguf",
+              "chat-2": "/other/llama-3.1-8b-instruct-q4_k_m.gguf", "code": "qwen-coder"}
+    for name, model_id in served.items():
+        state = registry.states[name]
+        state.models = parse_models({"data": [{"id": model_id}]}, None)
+        state.names = frozenset().union(*(m["_keys"] for m in state.models))
+        state.discovered_at = 0.0
+        state.status = Status.HEALTHY
+    return Router(registry, aliases or {}, priority())
+
+
+def test_named_model_goes_only_to_routable_endpoints_serving_it() -> None:
+    r = router()
+    r.registry.states["chat-1"].status = Status.OFFLINE
+    picked = [c.state.endpoint.name for c in r.candidates("llama-3.1-8b-instruct-q4_k_m.gguf")]
+    assert picked == ["chat-2"]
+
+
+def test_nobody_serves_it_is_model_not_found() -> None:
+    with pytest.raises(ModelNotFound, match=r"Model not found: mystery\.gguf"):
+        router().candidates("mystery.gguf")
+
+
+def test_only_unroutable_servers_is_model_unavailable_naming_states() -> None:
+    r = router()
+    r.registry.states["chat-1"].status = Status.LOADING
+    r.registry.states["chat-2"].status = Status.OFFLINE
+    with pytest.raises(ModelUnavailable) as raised:
+        r.candidates("llama-3.1-8b-instruct-q4_k_m.gguf")
+    assert raised.value.status == 503 and raised.value.code == "model_unavailable"
+    assert "chat-1 (loading)" in raised.value.message
+    assert "chat-2 (offline)" in raised.value.message
+
+
+def test_no_model_goes_to_any_routable_endpoint() -> None:
+    r = router()
+    r.registry.states["chat-1"].status = Status.UNHEALTHY
+    assert sorted(c.state.endpoint.name for c in r.candidates(None)) == ["chat-2", "code"]
+
+
+def test_no_routable_endpoint_at_all_is_503() -> None:
+    r = router()
+    for state in r.registry:
+        state.status = Status.OFFLINE
+    with pytest.raises(NoEndpointAvailable):
+        r.candidates(None)
+
+
+def test_not_yet_probed_endpoints_come_after_routable_ones() -> None:
+    r = router()
+    r.registry.states["chat-1"].status = Status.UNKNOWN
+    assert [c.state.endpoint.name for c in r.candidates(
+        "llama-3.1-8b-instruct-q4_k_m.gguf")] == ["chat-2", "chat-1"]
+
+
+def test_alias_spans_endpoints_and_names_each_ones_model() -> None:
+    r = router({"assistant": ("llama-3.1-8b-instruct-q4_k_m.gguf", "qwen-coder")})
+    chosen = {c.state.endpoint.name: c.model for c in r.candidates("assistant")}
+    assert chosen == {"chat-1": "llama-3.1-8b-instruct-q4_k_m.gguf",
+                      "chat-2": "llama-3.1-8b-instruct-q4_k_m.gguf", "code": "qwen-coder"}
+
+
+def test_endpoint_lacking_the_route_goes_last() -> None:
+    r = router()
+    r.registry.states["chat-1"].unsupported.add("embedding")
+    r.registry.states["chat-2"].unsupported.add("embedding")
+    assert r.candidates(None, "embedding")[0].state.endpoint.name == "code"
