@@ -9,6 +9,7 @@ between buffered, the client would never see the first event and the test would 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -63,6 +64,16 @@ class GatedUpstream:
                 upstream.requests.append({"path": self.path, "body": body,
                                           "headers": dict(self.headers)})
                 upstream.open_sockets.append(self.connection)
+                if self.path == "/embedding":
+                    # A non-streamed answer cut short: the server dies mid-body.
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", "1000")
+                    self.end_headers()
+                    self.wfile.write(b'{"embedding": [0.1, ')
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Transfer-Encoding", "chunked")

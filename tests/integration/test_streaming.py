@@ -85,3 +85,13 @@ def test_upstream_dying_mid_stream_ends_with_an_error_event(
     assert rest[-1] == b"data: [DONE]"
     error = json.loads(rest[-2][6:])["error"]
     assert error["code"] == "upstream_error" and "gated" in error["message"]
+
+
+def test_upstream_dying_mid_body_is_502_json(start_proxy: Callable[..., Proxy],
+                                             gated: GatedUpstream) -> None:
+    proxy = start_proxy(gated_config(gated))
+    response = requests.post(f"{proxy.url}/olla/llamacpp/embedding", json={"content": "x"},
+                             timeout=10)
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_error"
+    assert response.headers["X-Olla-Request-Id"]
