@@ -164,8 +164,9 @@ class ProxySchema(Strict):
 
 
 class EndpointSchema(Strict):
-    url = fields.String(required=True, validate=validate.Regexp(r"^https?://[^/@\s]+(/\S*)?$",
-                        error="must be an http(s) URL without credentials"))
+    url = fields.String(required=True, validate=validate.Regexp(
+        r"^https?://[^/@\s?#]+(/[^\s?#]*)?$",
+        error="must be an http(s) URL without credentials, query or fragment"))
     name = fields.String()
     type = fields.String(validate=validate.OneOf(["llamacpp", "llama-cpp", "llama_cpp"]))
     priority = fields.Integer(strict=True)

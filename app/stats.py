@@ -84,7 +84,7 @@ class Stats:
         timings = (exchange.timings or {}).get("timings") or {}
         usage = (exchange.timings or {}).get("usage") or {}
         rate = timings.get("predicted_per_second")
-        if isinstance(rate, (int, float)) and rate > 0 and timings.get("predicted_n", 1) > 0:
+        if isinstance(rate, (int, float)) and rate > 0:
             model.tokens_per_second.append(float(rate))
         prompt = usage.get("prompt_tokens", timings.get("prompt_n"))
         completion = usage.get("completion_tokens", timings.get("predicted_n"))
@@ -130,6 +130,9 @@ class Exchange:
             self.ok = False
         self.total_ms = (time.perf_counter() - self.started) * 1000
         self.state.in_flight -= 1
-        self.state.record_request(self.ok, self.total_ms)
+        # A failed attempt counts against its endpoint; one passed over for a feature it
+        # lacks (501) or while loading counts nowhere; a client request counts once.
+        if counted or not self.ok:
+            self.state.record_request(self.ok, self.total_ms)
         if counted:
             self.stats.record(self)

@@ -35,6 +35,9 @@ def relay(upstream: Upstream, exchange: Exchange, *, openai: bool) -> Iterator[b
     last_stats: bytes | None = None
     ok = True
     try:
+        # An empty first write makes gunicorn send the status and headers now, before the
+        # first token: clients see the stream open at once.
+        yield b""
         for chunk in upstream.chunks():
             if chunk:
                 if b'"timings"' in chunk or b'"usage"' in chunk:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from http.client import RemoteDisconnected
 from typing import Any
 
 import requests
@@ -109,6 +110,24 @@ class Upstream:
         self.response.close()
 
 
+_STALE = (RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+
+
+def _closed_under_us(exc: BaseException) -> bool:
+    """True when a pooled connection was closed by the peer before it answered."""
+    seen: set[int] = set()
+    stack: list[object] = [exc]
+    while stack:
+        current = stack.pop()
+        if not isinstance(current, BaseException) or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, _STALE):
+            return True
+        stack += [*current.args, current.__cause__, current.__context__]
+    return False
+
+
 def _translate(exc: BaseException, answered: bool = True) -> UpstreamError:
     """Map requests/urllib3 errors to ours. Before the upstream answered (``answered``
     False), a refused, reset or timed-out connection is an UpstreamConnectError: nothing
@@ -142,13 +161,21 @@ class UpstreamPool:
              timeout: tuple[float, float] | None = None) -> Upstream:
         """Send a request and return once the upstream's status and headers have arrived."""
         session = self._sessions[endpoint.name]
-        try:
-            response = session.request(method, endpoint.join(path), data=body,
-                                       headers=dict(headers or {}), stream=True,
-                                       timeout=timeout or self.timeout, allow_redirects=False)
-        except (requests.RequestException, Urllib3HTTPError, OSError) as exc:
-            raise _translate(exc, answered=False) from exc
-        return Upstream(response)
+        for attempt in (1, 2):
+            try:
+                response = session.request(method, endpoint.join(path), data=body,
+                                           headers=dict(headers or {}), stream=True,
+                                           timeout=timeout or self.timeout,
+                                           allow_redirects=False)
+            except (requests.RequestException, Urllib3HTTPError, OSError) as exc:
+                if attempt == 1 and _closed_under_us(exc):
+                    # llama-server closes idle keep-alive connections (after 5 s); one can
+                    # close just as a request is sent on it, before any answer. Nothing ran:
+                    # send it again on a fresh connection.
+                    continue
+                raise _translate(exc, answered=False) from exc
+            return Upstream(response)
+        raise AssertionError("unreachable")
 
     def get_json(self, endpoint: Endpoint, path: str, timeout: float) -> tuple[int, Any]:
         """GET a small JSON document from an endpoint (status, parsed body or None)."""

@@ -72,9 +72,10 @@ def _stamp(response: Response) -> Response:
         headers = response.headers
         headers["X-Olla-Request-Id"] = g.get("request_id", "")
         headers["Via"] = f"1.1 olla/{services().version}"
-        headers.setdefault("X-Olla-Backend-Type", BACKEND_TYPE)
-        if "X-Olla-Response-Time" not in headers and "started" in g:
-            headers["X-Olla-Response-Time"] = _elapsed_ms()
+        if request.blueprint == bp.name:
+            headers.setdefault("X-Olla-Backend-Type", BACKEND_TYPE)
+            if "X-Olla-Response-Time" not in headers and "started" in g:
+                headers["X-Olla-Response-Time"] = _elapsed_ms()
     return response
 
 
