@@ -26,11 +26,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     from .errors import register_error_handlers
     from .services import Services
     from .views.proxy import bp as proxy_bp
+    from .views.status import bp as status_bp
 
     settings = with_embedded_endpoint(settings or load_settings())
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.server.max_body_size
     app.extensions["olla"] = Services.build(settings, __version__)
     app.register_blueprint(proxy_bp)
+    app.register_blueprint(status_bp)
     register_error_handlers(app)
     return app
