@@ -20,8 +20,8 @@ pytest:
 	.venv/bin/python -m pytest $(ARGS)
 
 bench:
-	scripts/bootstrap dev
-	.venv/bin/python -m bench $(ARGS)
+	scripts/bootstrap bench
+	.venv/bin/python -m bench.core $(ARGS)
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache .tox

@@ -1,0 +1,1 @@
+"""Benchmarks of the proxy against real llama.cpp servers."""
