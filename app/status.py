@@ -287,7 +287,9 @@ def traffic(view: EndpointView) -> dict[str, Any]:
 
 def capacity(view: EndpointView) -> dict[str, Any]:
     """llama.cpp's own figures from /props (ours, not Olla's)."""
-    return {"total_slots": view.state.total_slots, "n_ctx": view.state.n_ctx}
+    build = view.state.props.get("build_info")
+    return {"total_slots": view.state.total_slots, "n_ctx": view.state.n_ctx,
+            "build_info": build if isinstance(build, str) else None}
 
 
 def status_summary(view: EndpointView) -> dict[str, Any]:

@@ -32,7 +32,7 @@ ENDPOINT_FIELDS = {
     "health_check_at", "response_time", "response_time_ms", "next_check", "next_check_at",
     "model_count", "last_model_sync", "last_model_sync_at", "request_count", "success_rate",
     "min_latency_ms", "avg_latency_ms", "max_latency_ms", "active_connections",
-    "total_slots", "n_ctx"}
+    "total_slots", "n_ctx", "build_info"}
 
 
 def completion(predicted_per_second: float, ok: bool = True) -> dict[str, Any]:
@@ -157,7 +157,7 @@ def test_endpoint_figures_after_two_completions(two_endpoints: FlaskClient,
     assert chat["active_connections"] == 0
     assert chat["model_count"] == 1
     assert chat["last_model_sync"].endswith(" ago") and chat["last_model_sync_at"]
-    assert (chat["total_slots"], chat["n_ctx"]) == (2, 4096)
+    assert (chat["total_slots"], chat["n_ctx"], chat["build_info"]) == (2, 4096, "b0-test")
     assert embed["request_count"] == 0
 
 
@@ -245,7 +245,7 @@ def test_status_summary(fleet: Flask, fake: responses.RequestsMock) -> None:
     assert {"id", "name", "url", "status", "priority", "success_rate", "avg_latency",
             "avg_latency_ms", "min_latency_ms", "max_latency_ms", "connections", "requests",
             "last_check", "health_check_at", "next_check", "next_check_at", "issues",
-            "models", "total_slots", "n_ctx"} == set(chat)
+            "models", "total_slots", "n_ctx", "build_info"} == set(chat)
     assert chat["requests"] == 1 and chat["avg_latency"].endswith(("ms", "s"))
     assert chat["models"]["count"] == 1
 

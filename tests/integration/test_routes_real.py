@@ -198,6 +198,28 @@ def test_api_key_from_config_reaches_llamacpp(start_proxy: Callable[..., Proxy],
     assert ok.status_code == 200, ok.text
     models = requests.get(f"{with_key.url}/olla/llamacpp/v1/models", timeout=10).json()
     assert [m["id"] for m in models["data"]] == ["gemma-secure"]
+    for route in ("/internal/status", "/internal/status/endpoints", "/internal/status/models",
+                  "/internal/stats/models", "/olla/models", "/version"):
+        text = requests.get(with_key.url + route, timeout=10).text
+        assert API_KEY not in text and "X-API-Key" not in text, route
+    endpoint = requests.get(f"{with_key.url}/internal/status/endpoints",
+                            timeout=10).json()["endpoints"][0]
+    assert endpoint["status"] == "healthy"
+    assert endpoint["total_slots"] == 1 and endpoint["n_ctx"] == 1024
+    assert endpoint["build_info"]
+
+    wrong = start_proxy(
+        {"endpoints": [{"url": llama_auth.url, "name": "secure", "check_interval": "1s",
+                        "headers": {"Authorization": "Bearer wrong-key"}}]})
+    endpoint = {}
+    for _ in range(50):  # the first probe and discovery run right after start
+        endpoint = requests.get(f"{wrong.url}/internal/status/endpoints",
+                                timeout=10).json()["endpoints"][0]
+        if endpoint["status"] == "auth_error":
+            break
+        time.sleep(0.1)
+    assert endpoint["status"] == "auth_error"
+    assert "API key" in endpoint["issues"] and "wrong-key" not in json.dumps(endpoint)
 
     without = start_proxy({"endpoints": [{"url": llama_auth.url, "name": "secure"}]})
     direct = requests.post(f"{llama_auth.url}/tokenize", json={"content": "hi"}, timeout=10)
