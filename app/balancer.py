@@ -65,3 +65,25 @@ BALANCERS: dict[str, Callable[[], Balancer]] = {
 def make_balancer(name: str) -> Balancer:
     """The balancer configured as ``proxy.load_balancer``."""
     return BALANCERS[name]()
+
+
+def free_slots(state: EndpointState) -> float:
+    """Slots free on an endpoint now (infinite when its slot count is unknown)."""
+    total = state.total_slots
+    if total is None:
+        return float("inf")
+    return float(total - state.slots_in_use)
+
+
+def least_busy() -> Balancer:
+    """Most free slots first, then the highest priority; ties take turns."""
+    counter = itertools.count()
+
+    def order(states: Sequence[EndpointState]) -> list[EndpointState]:
+        rotated = _rotated(sorted(states, key=lambda s: s.endpoint.name), next(counter))
+        return sorted(rotated, key=lambda s: (-free_slots(s), -s.endpoint.priority))
+
+    return order
+
+
+BALANCERS["least-busy"] = least_busy

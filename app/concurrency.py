@@ -13,7 +13,8 @@ T = TypeVar("T")
 MAX_AT_ONCE = 16
 
 
-def _gevent_active() -> bool:
+def gevent_active() -> bool:
+    """True inside a gevent-patched process (gunicorn's gevent worker)."""
     try:
         from gevent import monkey
     except ImportError:
@@ -27,7 +28,7 @@ def each(function: Callable[[T], Any], items: Sequence[T]) -> None:
         for item in items:
             function(item)
         return
-    if _gevent_active():
+    if gevent_active():
         from gevent.pool import Pool
 
         Pool(min(MAX_AT_ONCE, len(items))).map(function, items)

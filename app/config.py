@@ -40,12 +40,19 @@ class Endpoint:
     model_url: str = "/v1/models"
     check_interval: float = 5.0
     check_timeout: float = 2.0
+    # Per-endpoint limits; the proxy's defaults where not set.
+    timeouts: Timeouts | None = None
 
     def join(self, path: str) -> str:
         """Absolute URL for ``path`` on this endpoint (absolute URLs pass as they are)."""
         if path.startswith(("http://", "https://")):
             return path
         return self.url + "/" + path.lstrip("/")
+
+    @property
+    def limits(self) -> Timeouts:
+        """This endpoint's timeouts (the proxy's defaults unless configured)."""
+        return self.timeouts or Timeouts()
 
     @property
     def sends_credentials(self) -> bool:
@@ -66,12 +73,31 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
-class ProxySettings:
+class Timeouts:
+    """Limits on one upstream exchange, by phase (seconds; response 0 = no limit)."""
+
+    connection_timeout: float = 5.0      # TCP connect
+    first_byte_timeout: float = 600.0    # to the first byte of the answer: prompt processing
+    read_timeout: float = 600.0          # longest silence between chunks after that
+    response_timeout: float = 0.0        # the whole exchange
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    """The bounded FIFO a request waits in while every slot it could use is busy."""
+
+    max_size: int = 100                  # waiting requests per model; 0 = never queue
+    timeout: float = 30.0                # longest wait before 503 slots_exhausted
+    retry_after: int = 2                 # the Retry-After header sent with that 503
+
+
+@dataclass(frozen=True)
+class ProxySettings(Timeouts):
     """How the proxy talks to upstreams."""
 
-    connection_timeout: float = 5.0
-    read_timeout: float = 600.0
-    load_balancer: str = "least-connections"
+    load_balancer: str = "least-busy"
+    sse_keepalive: float = 15.0          # SSE comment while a stream waits; 0 = never
+    queue: QueueSettings = field(default_factory=QueueSettings)
 
 
 @dataclass(frozen=True)
@@ -137,6 +163,10 @@ class Duration(fields.Field[float]):
             raise ValidationError(str(exc)) from exc
 
 
+POSITIVE = validate.Range(min=0, min_inclusive=False, error="must be longer than 0")
+TIMEOUT_KEYS = ("connection_timeout", "first_byte_timeout", "read_timeout", "response_timeout")
+
+
 class Strict(Schema):
     class Meta:
         unknown = RAISE
@@ -153,14 +183,22 @@ class ServerSchema(Strict):
     request_limits = fields.Nested(RequestLimitsSchema)
 
 
+class QueueSchema(Strict):
+    max_size = fields.Integer(strict=True, validate=validate.Range(min=0))
+    timeout = Duration()
+    retry_after = fields.Integer(strict=True, validate=validate.Range(min=0))
+
+
 class ProxySchema(Strict):
-    connection_timeout = Duration(validate=validate.Range(min=0, min_inclusive=False,
-                                                          error="must be longer than 0"))
-    read_timeout = Duration(validate=validate.Range(min=0, min_inclusive=False,
-                                                    error="must be longer than 0"))
+    connection_timeout = Duration(validate=POSITIVE)
+    first_byte_timeout = Duration(validate=POSITIVE)
+    read_timeout = Duration(validate=POSITIVE)
+    response_timeout = Duration()
+    sse_keepalive = Duration()
     load_balancer = fields.String(
-        validate=validate.OneOf(["least-connections", "priority", "round-robin"])
+        validate=validate.OneOf(["least-busy", "least-connections", "priority", "round-robin"])
     )
+    queue = fields.Nested(QueueSchema)
 
 
 class EndpointSchema(Strict):
@@ -173,10 +211,12 @@ class EndpointSchema(Strict):
     headers = fields.Dict(keys=fields.String(), values=fields.String())
     health_check_url = fields.String()
     model_url = fields.String()
-    check_interval = Duration(validate=validate.Range(min=0, min_inclusive=False,
-                                                      error="must be longer than 0"))
-    check_timeout = Duration(validate=validate.Range(min=0, min_inclusive=False,
-                                                     error="must be longer than 0"))
+    check_interval = Duration(validate=POSITIVE)
+    check_timeout = Duration(validate=POSITIVE)
+    connection_timeout = Duration(validate=POSITIVE)
+    first_byte_timeout = Duration(validate=POSITIVE)
+    read_timeout = Duration(validate=POSITIVE)
+    response_timeout = Duration()
 
 
 class StaticSchema(Strict):
@@ -186,8 +226,7 @@ class StaticSchema(Strict):
 
 class ModelDiscoverySchema(Strict):
     enabled = fields.Boolean()
-    interval = Duration(validate=validate.Range(min=0, min_inclusive=False,
-                                                error="must be longer than 0"))
+    interval = Duration(validate=POSITIVE)
 
 
 class DiscoverySchema(Strict):
@@ -273,7 +312,8 @@ def _flatten(messages: Any, prefix: str = "") -> list[str]:
     return [f"{prefix}: {messages}"]
 
 
-def _endpoint(raw: Mapping[str, Any], where: str, environ: Mapping[str, str]) -> Endpoint:
+def _endpoint(raw: Mapping[str, Any], where: str, environ: Mapping[str, str],
+              proxy: ProxySettings) -> Endpoint:
     url = raw["url"].rstrip("/")
     expanded = {
         key: expand_env(value, f"{where}.headers.{key}", environ)
@@ -287,8 +327,9 @@ def _endpoint(raw: Mapping[str, Any], where: str, environ: Mapping[str, str]) ->
         for k in ("priority", "health_check_url", "model_url", "check_interval", "check_timeout")
         if k in raw
     }
+    timeouts = Timeouts(**{k: raw.get(k, getattr(proxy, k)) for k in TIMEOUT_KEYS})
     return Endpoint(name=raw.get("name") or url, url=url, type="llamacpp", headers=headers,
-                    **values)
+                    timeouts=timeouts, **values)
 
 
 def _discovery_interval(discovery: Mapping[str, Any]) -> float:
@@ -318,13 +359,14 @@ def settings_from_mapping(raw: Mapping[str, Any] | None,
         port=server_raw.get("port", ServerSettings.port),
         max_body_size=limits.get("max_body_size", ServerSettings.max_body_size),
     )
-    proxy = ProxySettings(**data.get("proxy", {}))
+    proxy_raw = dict(data.get("proxy", {}))
+    proxy = ProxySettings(queue=QueueSettings(**proxy_raw.pop("queue", {})), **proxy_raw)
     endpoint_list = data.get("endpoints")
     list_key = "endpoints"
     if endpoint_list is None:
         endpoint_list = data.get("discovery", {}).get("static", {}).get("endpoints") or []
         list_key = "discovery.static.endpoints"
-    endpoints = tuple(_endpoint(e, f"{list_key}[{i}]", environ)
+    endpoints = tuple(_endpoint(e, f"{list_key}[{i}]", environ, proxy)
                       for i, e in enumerate(endpoint_list))
     names = [e.name for e in endpoints]
     duplicates = sorted({n for n in names if names.count(n) > 1})

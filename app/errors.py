@@ -68,6 +68,16 @@ class ModelUnavailable(ProxyError):
     code = "model_unavailable"
 
 
+class SlotsExhausted(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "slots_exhausted"
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its answer was complete."""
+
+
 class NoEndpointAvailable(ProxyError):
     status = 503
     type = "server_error"

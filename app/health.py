@@ -128,17 +128,56 @@ def check_once(registry: Registry, now: float | None = None,
             now - state.discovered_at >= registry.discovery_interval)
         if result.status is Status.HEALTHY and (recovered or stale or state.discovery_error):
             registry.discover(state)
+        if state.routable and state.slots_polling:
+            poll_slots(registry.pool, state)
 
     each(check, due)
     return [s.endpoint.name for s in due]
 
 
+def busy_slots(document: Any) -> int | None:
+    """How many slots a /slots answer shows busy (``is_processing``, or the older ``state``)."""
+    if not isinstance(document, list):
+        return None
+    busy = 0
+    for slot in document:
+        if not isinstance(slot, dict):
+            return None
+        if "is_processing" in slot:
+            busy += bool(slot["is_processing"])
+        else:
+            busy += slot.get("state", 0) != 0
+    return busy
+
+
+def poll_slots(pool: UpstreamPool, state: EndpointState) -> None:
+    """Reconcile slot use with llama.cpp's /slots: slots busy beyond this worker's own
+    requests belong to others (other workers, other clients). An endpoint that disables
+    /slots or refuses it is not asked again; local counts then stand alone."""
+    endpoint = state.endpoint
+    in_flight = state.in_flight
+    try:
+        status, document = pool.get_json(endpoint, "/slots", endpoint.check_timeout)
+    except UpstreamError:
+        return
+    busy = busy_slots(document) if status == 200 else None
+    if busy is None:
+        if status in (401, 403, 404, 501) or status == 200:
+            state.slots_polling = False
+            log.info("endpoint %s: /slots not available (%s); counting slots locally",
+                     endpoint.name, status)
+        return
+    state.others_busy = max(0, busy - in_flight)
+
+
 class HealthLoop:
     """Runs ``check_once`` forever in a gevent greenlet (one per gunicorn worker)."""
 
-    def __init__(self, registry: Registry, tick: float = 0.25) -> None:
+    def __init__(self, registry: Registry, tick: float = 0.25,
+                 on_change: Callable[[], None] | None = None) -> None:
         self.registry = registry
         self.tick = tick
+        self.on_change = on_change
         self._greenlet: Any = None
 
     def start(self) -> None:
@@ -153,7 +192,8 @@ class HealthLoop:
 
         while True:
             try:
-                check_once(self.registry)
+                if check_once(self.registry) and self.on_change is not None:
+                    self.on_change()  # endpoints may have become usable: dispatch waiters
             except Exception:
                 log.exception("health check failed")
             gevent.sleep(self.tick)

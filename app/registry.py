@@ -68,6 +68,10 @@ class EndpointState:
     checked_wall: float | None = None
     next_check: float = 0.0                     # monotonic
     probe_ms: float | None = None
+    # Slots: this worker's in-flight requests, plus those of others (other workers, other
+    # clients) seen busy in /slots when last polled.
+    others_busy: int = 0
+    slots_polling: bool = True                  # False once /slots is disabled or refused
     # Traffic through this worker.
     in_flight: int = 0
     requests: int = 0
@@ -93,6 +97,17 @@ class EndpointState:
         """llama.cpp's ``--parallel``, from /props."""
         value = self.props.get("total_slots")
         return value if isinstance(value, int) else None
+
+    @property
+    def slots_in_use(self) -> int:
+        """Slots busy on this endpoint, as far as this worker can tell."""
+        return self.in_flight + self.others_busy
+
+    @property
+    def has_free_slot(self) -> bool:
+        """Whether one more request would get a slot at once (unknown capacity: yes)."""
+        total = self.total_slots
+        return total is None or self.slots_in_use < total
 
     @property
     def n_ctx(self) -> int | None:

@@ -8,6 +8,7 @@ from flask import Flask, current_app
 
 from .balancer import make_balancer
 from .config import Settings
+from .dispatch import Dispatcher
 from .health import HealthLoop
 from .registry import Registry
 from .routing import Router
@@ -26,6 +27,7 @@ class Services:
     router: Router
     health: HealthLoop
     stats: Stats
+    dispatcher: Dispatcher
 
     @classmethod
     def build(cls, settings: Settings, version: str) -> Services:
@@ -35,7 +37,9 @@ class Services:
                             discovery_interval=settings.discovery_interval)
         router = Router(registry, settings.model_aliases,
                         make_balancer(settings.proxy.load_balancer))
-        return cls(settings, version, pool, registry, router, HealthLoop(registry), Stats())
+        dispatcher = Dispatcher(settings.proxy.queue)
+        return cls(settings, version, pool, registry, router,
+                   HealthLoop(registry, on_change=dispatcher.pump), Stats(), dispatcher)
 
     def start_background(self) -> None:
         """Start this worker's health-check greenlet (call after gevent has patched)."""

@@ -7,6 +7,7 @@ import json
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,15 +104,13 @@ class Exchange:
     route: str
     started: float                          # perf_counter at the request's arrival
     stats: Stats
+    release: Callable[[EndpointState], None]  # gives the slot back (the dispatcher's)
     ttfb_ms: float | None = None
     status: int = 0
     ok: bool = True
     timings: dict[str, Any] | None = None
     total_ms: float = 0.0
     finished: bool = False
-
-    def __post_init__(self) -> None:
-        self.state.in_flight += 1
 
     def answered(self, status: int) -> None:
         """The upstream's status line and headers arrived."""
@@ -129,7 +128,7 @@ class Exchange:
         if self.status >= 500 and self.status != 501:
             self.ok = False
         self.total_ms = (time.perf_counter() - self.started) * 1000
-        self.state.in_flight -= 1
+        self.release(self.state)
         # A failed attempt counts against its endpoint; one passed over for a feature it
         # lacks (501) or while loading counts nowhere; a client request counts once.
         if counted or not self.ok:

@@ -1,55 +1,193 @@
-"""Relay an upstream body to the client chunk by chunk, closing the upstream on every path."""
+"""Relay an upstream SSE body to the client chunk by chunk, with timeouts by phase and
+keepalive comments, closing the upstream on every path.
+
+Under gevent a reader greenlet pulls chunks off the upstream into a queue, so the relay can
+wait with a deadline: the first byte (which covers prompt processing), the silence between
+chunks, the whole exchange, and the next keepalive comment while the first token is
+awaited. Without gevent (tests, other servers) chunks are read in place with only the
+socket's own timeout.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
-from .errors import UpstreamError
+from .concurrency import gevent_active
+from .config import Timeouts
+from .errors import UpstreamError, UpstreamTimeout
 from .stats import Exchange, find_timings
 from .upstream import Upstream
 
 log = logging.getLogger(__name__)
 
+KEEPALIVE = b": keepalive\n\n"
+KEEPALIVE_DUE = object()  # time to send KEEPALIVE
+END = object()       # the upstream body ended
+TIMEOUT = object()   # nothing arrived before the wake-up time
 
-def sse_error_event(message: str, openai: bool) -> bytes:
+
+def sse_error_event(message: str, openai: bool, code: str = "upstream_error") -> bytes:
     """The final SSE event(s) a client gets when the upstream breaks mid-stream."""
-    event = {"error": {"message": message, "type": "server_error", "code": "upstream_error"}}
+    event = {"error": {"message": message, "type": "server_error", "code": code}}
     out = b"data: " + json.dumps(event).encode() + b"\n\n"
     if openai:
         out += b"data: [DONE]\n\n"
     return out
 
 
-def relay(upstream: Upstream, exchange: Exchange, *, openai: bool) -> Iterator[bytes]:
-    """Yield the upstream's raw chunks as they arrive.
+class Source:
+    """The upstream's chunks, readable with a timeout."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self._greenlet: Any = None
+        if gevent_active():
+            import gevent
+            from gevent.queue import Queue
+
+            self._queue: Any = Queue()
+            self._greenlet = gevent.spawn(self._pump)
+        else:
+            self._iterator = upstream.chunks()
+
+    def _pump(self) -> None:
+        try:
+            for chunk in self.upstream.chunks():
+                if chunk:
+                    self._queue.put(chunk)
+            self._queue.put(END)
+        except UpstreamError as exc:
+            self._queue.put(exc)
+        except Exception as exc:
+            self._queue.put(UpstreamError(f"upstream read failed: {exc!r}"))
+
+    def next(self, timeout: float) -> Any:
+        """A chunk, END, an UpstreamError, or TIMEOUT after ``timeout`` seconds."""
+        if self._greenlet is None:
+            try:
+                return next(self._iterator)
+            except StopIteration:
+                return END
+            except UpstreamError as exc:
+                return exc
+        from gevent.queue import Empty
+
+        try:
+            return self._queue.get(timeout=max(0.0, timeout))
+        except Empty:
+            return TIMEOUT
+
+    def close(self) -> None:
+        """Stop reading and close the upstream (a half-read stream is aborted). The reader
+        must be gone first: closing a buffered reader another greenlet is inside fails."""
+        if self._greenlet is not None:
+            self._greenlet.kill(block=True, timeout=1.0)
+        self.upstream.close()
+
+
+@dataclass
+class Clock:
+    """Deadlines for one stream (perf_counter seconds)."""
+
+    limits: Timeouts
+    keepalive: float
+    started: float
+    last_byte: float | None = None
+    last_sent: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.last_sent = self.started
+        total = self.limits.response_timeout
+        self.total_deadline = self.started + total if total > 0 else math.inf
+
+    def limit(self) -> float:
+        """When waiting must give up: first byte, then the silence between chunks."""
+        if self.last_byte is None:
+            phase = self.started + self.limits.first_byte_timeout
+        else:
+            phase = self.last_byte + self.limits.read_timeout
+        return min(phase, self.total_deadline)
+
+    def wake(self) -> float:
+        """When to stop waiting: the limit, or the next keepalive before the first byte."""
+        if self.last_byte is None and self.keepalive > 0:
+            return min(self.limit(), self.last_sent + self.keepalive)
+        return self.limit()
+
+    def what_ran_out(self) -> str:
+        if self.last_byte is None:
+            return f"no first byte within {self.limits.first_byte_timeout:g} s"
+        now = time.perf_counter()
+        if now >= self.total_deadline:
+            return f"the answer took longer than {self.limits.response_timeout:g} s"
+        return f"nothing for {self.limits.read_timeout:g} s"
+
+
+def first_item(source: Source, clock: Clock) -> Any:
+    """Wait for the first chunk before any byte goes to the client: a chunk, END, an
+    UpstreamError, or KEEPALIVE_DUE when the first keepalive is due first. Raises
+    UpstreamTimeout (504, no byte sent yet) when the first-byte limit runs out."""
+    item = source.next(clock.wake() - time.perf_counter())
+    if item is TIMEOUT:
+        if time.perf_counter() >= clock.limit():
+            raise UpstreamTimeout(f"upstream timed out: {clock.what_ran_out()}")
+        clock.last_sent = time.perf_counter()
+        return KEEPALIVE_DUE
+    if isinstance(item, bytes):
+        clock.last_byte = clock.last_sent = time.perf_counter()
+    return item
+
+
+def relay(source: Source, exchange: Exchange, clock: Clock, first: Any, *, openai: bool,
+          client_gone: Any = lambda: False) -> Iterator[bytes]:
+    """Yield what ``first_item`` returned, then the upstream's raw chunks as they arrive.
 
     The WSGI server closes this generator when the client goes away (its next write
-    fails); ``finally`` then closes the upstream connection, which is what makes
-    llama.cpp stop generating and free the slot. The last event carrying ``timings`` or
-    ``usage`` is kept (a byte search per chunk) and parsed once at the end.
+    fails); ``finally`` then aborts the upstream connection, which is what makes llama.cpp
+    stop generating and free the slot. The last event carrying ``timings`` or ``usage`` is
+    kept (a byte search per chunk) and parsed once at the end.
     """
-    sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
     endpoint = exchange.state.endpoint.name
     last_stats: bytes | None = None
     ok = True
+    item = first
     try:
-        # An empty first write makes gunicorn send the status and headers now, before the
-        # first token: clients see the stream open at once.
-        yield b""
-        for chunk in upstream.chunks():
-            if chunk:
-                if b'"timings"' in chunk or b'"usage"' in chunk:
-                    last_stats = chunk
-                yield chunk
-    except UpstreamError as exc:
-        ok = False
-        log.warning("upstream %s broke mid-stream: %s", endpoint, exc.message)
-        if sse:
-            yield sse_error_event(f"upstream {endpoint} failed mid-stream: {exc.message}", openai)
+        while True:
+            if item is END:
+                break
+            if isinstance(item, UpstreamError):
+                ok = client_gone()
+                if not ok:
+                    log.warning("upstream %s broke mid-stream: %s", endpoint, item.message)
+                    yield sse_error_event(
+                        f"upstream {endpoint} failed mid-stream: {item.message}", openai)
+                break
+            if item is TIMEOUT:
+                if time.perf_counter() >= clock.limit():
+                    ok = False
+                    why = clock.what_ran_out()
+                    log.warning("upstream %s timed out mid-stream: %s", endpoint, why)
+                    yield sse_error_event(f"upstream {endpoint} timed out: {why}", openai,
+                                          code="upstream_timeout")
+                    break
+                clock.last_sent = time.perf_counter()
+                item = KEEPALIVE_DUE
+            if item is KEEPALIVE_DUE:
+                yield KEEPALIVE
+            else:
+                if b'"timings"' in item or b'"usage"' in item:
+                    last_stats = item
+                clock.last_byte = clock.last_sent = time.perf_counter()
+                yield item
+            item = source.next(clock.wake() - time.perf_counter())
     finally:
-        upstream.close()
+        source.close()
         if last_stats is not None:
             exchange.timings = find_timings(last_stats)
         exchange.finish(ok=ok)

@@ -6,7 +6,10 @@ This is the only module that catches ``requests`` exceptions; everything above i
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from http.client import RemoteDisconnected
@@ -14,6 +17,7 @@ from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection
 from urllib3.exceptions import HTTPError as Urllib3HTTPError
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
@@ -98,6 +102,16 @@ class Upstream:
         except (requests.RequestException, Urllib3HTTPError, OSError) as exc:
             raise _translate(exc) from exc
 
+    def interrupt(self) -> None:
+        """Wake whoever is reading this response with an error, from another greenlet: shut
+        the socket down (closing the reader under it is not safe); the reader's own close
+        then resets the connection."""
+        connection = getattr(self.response.raw, "_connection", None)
+        sock = getattr(connection, "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
     def close(self) -> None:
         """Close the response: a fully read body returns its connection to the pool, a
         half-read one closes it, so the upstream sees the disconnect at once."""
@@ -140,6 +154,22 @@ def _translate(exc: BaseException, answered: bool = True) -> UpstreamError:
     return UpstreamError(f"upstream connection failed: {exc}")
 
 
+class _Adapter(HTTPAdapter):
+    """Upstream sockets without Nagle's delay, and closed with a reset (SO_LINGER 0).
+
+    The reset matters: llama-server does not notice a plain close (FIN) of a non-streamed
+    request's connection and generates to the end, holding the slot; a reset it notices
+    within its 1 s poll, and a stream's next write fails at once.
+    """
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["socket_options"] = [
+            *HTTPConnection.default_socket_options,
+            (socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)),
+        ]
+        super().init_poolmanager(*args, **kwargs)
+
+
 class UpstreamPool:
     """One pooled session per endpoint, with explicit (connect, read) timeouts."""
 
@@ -148,7 +178,7 @@ class UpstreamPool:
         self._sessions: dict[str, requests.Session] = {}
         for endpoint in endpoints:
             session = requests.Session()
-            adapter = HTTPAdapter(pool_connections=1, pool_maxsize=POOL_SIZE, max_retries=0)
+            adapter = _Adapter(pool_connections=1, pool_maxsize=POOL_SIZE, max_retries=0)
             session.mount("http://", adapter)
             session.mount("https://", adapter)
             session.trust_env = False

@@ -16,6 +16,7 @@ from app.config import (
     ConfigError,
     Endpoint,
     Settings,
+    Timeouts,
     config_path,
     expand_env,
     load_settings,
@@ -98,7 +99,7 @@ def test_spec_single_endpoint_example_loads_with_key_from_environment(tmp_path: 
     settings = load_settings(str(path), environ={"LLAMACPP_API_KEY": "sk-local-123"})
     assert settings.endpoints == (
         Endpoint(name="llamacpp-llama-8b", url="http://192.168.0.100:8080", type="llamacpp",
-                 priority=95, headers={"X-API-Key": "sk-local-123"}),
+                 priority=95, headers={"X-API-Key": "sk-local-123"}, timeouts=Timeouts()),
     )
     assert settings.endpoints[0].sends_credentials
 
@@ -168,7 +169,7 @@ def test_olla_discovery_static_layout_loads(tmp_path: Path) -> None:
     settings = load_settings(str(write(tmp_path, OLLA_LAYOUT)), environ={})
     assert settings.endpoints == (
         Endpoint(name="gpu-box", url="http://10.0.0.5:8080", priority=100,
-                 check_interval=10.0, check_timeout=1.0),
+                 check_interval=10.0, check_timeout=1.0, timeouts=Timeouts()),
     )
 
 
@@ -619,3 +620,20 @@ def test_null_endpoint_list_means_no_endpoints() -> None:
 def test_empty_prefixes_and_zero_timeouts_are_refused(raw: dict[str, object], key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         settings_from_mapping(raw, environ={})
+
+
+def test_timeouts_default_from_proxy_and_override_per_endpoint() -> None:
+    settings = settings_from_mapping({
+        "proxy": {"first_byte_timeout": "2m", "read_timeout": "30s", "response_timeout": "1h",
+                  "sse_keepalive": "10s", "queue": {"max_size": 8, "timeout": "5s"}},
+        "endpoints": [{"url": "http://a:1", "name": "a"},
+                      {"url": "http://b:1", "name": "b", "read_timeout": "5s",
+                       "connection_timeout": "250ms"}]}, environ={})
+    a, b = (e.limits for e in settings.endpoints)
+    assert a == Timeouts(connection_timeout=5.0, first_byte_timeout=120.0, read_timeout=30.0,
+                         response_timeout=3600.0)
+    assert b == Timeouts(connection_timeout=0.25, first_byte_timeout=120.0, read_timeout=5.0,
+                         response_timeout=3600.0)
+    assert settings.proxy.sse_keepalive == 10.0
+    assert (settings.proxy.queue.max_size, settings.proxy.queue.timeout) == (8, 5.0)
+    assert settings.proxy.load_balancer == "least-busy"

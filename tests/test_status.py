@@ -234,7 +234,7 @@ def test_status_summary(fleet: Flask, fake: responses.RequestsMock) -> None:
     body = get(client, "/internal/status")
     assert set(body) == {"timestamp", "endpoints", "proxy", "system"}
     assert body["proxy"] == {"engine": "olla-py", "profile": "streaming",
-                             "balancer": "least-connections"}
+                             "balancer": "least-busy"}
     system = body["system"]
     assert system["status"] == "critical"  # 1 of 4 up
     assert system["endpoints_up"] == "1/4"

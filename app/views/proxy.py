@@ -13,8 +13,10 @@ from flask import Blueprint, Response, g, request
 from marshmallow import Schema
 from werkzeug.datastructures import Headers
 
-from .. import schemas
+from .. import disconnect, schemas
+from ..config import Timeouts
 from ..errors import (
+    ClientDisconnected,
     InvalidRequest,
     MethodNotAllowed,
     NoEndpointAvailable,
@@ -22,10 +24,10 @@ from ..errors import (
     UpstreamError,
 )
 from ..health import mark_failed
-from ..registry import Status
-from ..services import services
+from ..registry import Status, name_key
+from ..services import Services, services
 from ..stats import Exchange, find_timings
-from ..streaming import relay
+from ..streaming import Clock, Source, first_item, relay
 from ..upstream import Upstream, UpstreamConnectError, request_headers, response_headers
 
 bp = Blueprint("proxy", __name__)
@@ -43,6 +45,8 @@ class Route:
     method: str
     schema: Schema | None = None
     openai: bool = False
+    # Watch the client while waiting (queue, generation): routes that can take long.
+    watched: bool = True
 
 
 ROUTES: dict[str, Route] = {
@@ -52,8 +56,8 @@ ROUTES: dict[str, Route] = {
     "v1/chat/completions": Route("POST", schemas.ChatCompletionSchema(), openai=True),
     "embedding": Route("POST", schemas.EmbeddingSchema()),
     "v1/embeddings": Route("POST", schemas.OpenAIEmbeddingSchema(), openai=True),
-    "tokenize": Route("POST", schemas.TokenizeSchema()),
-    "detokenize": Route("POST", schemas.DetokenizeSchema()),
+    "tokenize": Route("POST", schemas.TokenizeSchema(), watched=False),
+    "detokenize": Route("POST", schemas.DetokenizeSchema(), watched=False),
     "infill": Route("POST", schemas.InfillSchema()),
 }
 
@@ -140,52 +144,87 @@ def _list_models() -> Response:
 
 def _forward(subpath: str, route: Route, body: bytes, payload: dict[str, Any],
              model: str | None) -> Response:
-    """Try the candidates in order until one answers; relay that answer.
+    """Take a slot on a candidate (waiting in the queue if all are busy), send the request,
+    relay the answer; move on to the next candidate while that is safe.
 
     Moving on is safe only while nothing reached the client and nothing ran upstream: the
-    connection failed (refused, reset or timed out before any answer), llama.cpp answered
-    503 "Loading model", or it answered 501 (it lacks the feature). Each endpoint is tried
-    at most once; after the first byte reaches the client there is no retry.
+    connection failed (refused, reset or timed out before any answer, or a stream broke
+    before its first byte), llama.cpp answered 503 "Loading model", or it answered 501 (it
+    lacks the feature). Each endpoint is tried at most once; after the first byte reaches
+    the client there is no retry.
     """
     svc = services()
-    inbound = dict(request.headers)
-    inbound["X-Request-Id"] = g.request_id
-    forwarded_for = request.headers.get("X-Forwarded-For")
-    remote = request.remote_addr or ""
-    inbound["X-Forwarded-For"] = f"{forwarded_for}, {remote}" if forwarded_for else remote
-    inbound.setdefault("X-Forwarded-Proto", request.scheme)
+    watch = disconnect.watch(request.environ) if route.watched else None
+    try:
+        return _attempts(svc, subpath, route, body, payload, model, watch)
+    except BaseException:
+        if watch is not None:
+            watch.stop()
+        raise
+
+
+def _attempts(svc: Services, subpath: str, route: Route, body: bytes,
+              payload: dict[str, Any], model: str | None,
+              watch: disconnect.Watch | None) -> Response:
+    inbound = _inbound_headers()
     path = "/" + subpath + (("?" + request.query_string.decode("latin-1"))
                             if request.query_string else "")
+    streamed = payload.get("stream") is True
     failures: list[str] = []
-    candidates = svc.router.candidates(model, subpath)
-    for number, candidate in enumerate(candidates, start=1):
-        state, endpoint = candidate.state, candidate.state.endpoint
-        last = number == len(candidates)
+    remaining = svc.router.candidates(model, subpath)
+    while remaining:
+        state = svc.dispatcher.acquire(name_key(model) if model else "",
+                                       [c.state for c in remaining],
+                                       wait=watch.wait if watch else None)
+        candidate = next(c for c in remaining if c.state is state)
+        remaining = [c for c in remaining if c is not candidate]
+        last = not remaining
+        endpoint = state.endpoint
         out_body = body
         if candidate.model is not None and candidate.model != model:
             out_body = json.dumps({**payload, "model": candidate.model}).encode()
         exchange = Exchange(state, model or candidate.model or state.primary_model or "",
-                            subpath, g.started, svc.stats)
+                            subpath, g.started, svc.stats, svc.dispatcher.release)
+        limits = endpoint.limits
         try:
             upstream = svc.pool.open(endpoint, "POST", path, body=out_body,
-                                     headers=request_headers(inbound, endpoint))
+                                     headers=request_headers(inbound, endpoint),
+                                     timeout=_socket_timeouts(limits, streamed))
         except UpstreamConnectError as exc:
             exchange.finish(ok=False, counted=False)
             mark_failed(state, Status.OFFLINE, exc.message)
             failures.append(f"{endpoint.name}: {exc.message}")
             continue
-        except UpstreamError:
-            exchange.finish(ok=False)
+        except BaseException as exc:
+            exchange.finish(ok=isinstance(exc, ClientDisconnected))
             raise
         exchange.answered(upstream.status)
-        content: bytes | None = None
-        if not upstream.is_stream:
+        if watch is not None:
+            watch.on_gone(upstream.interrupt)
+        if upstream.is_stream:
+            source = Source(upstream)
+            clock = Clock(limits, svc.settings.proxy.sse_keepalive, g.started)
             try:
-                content = upstream.read()
-            except UpstreamError:
-                exchange.finish(ok=False)
+                first = first_item(source, clock)
+            except BaseException as exc:
+                source.close()
+                exchange.finish(ok=isinstance(exc, ClientDisconnected))
                 raise
-        if not last and upstream.status == 503 and content and b"Loading model" in content:
+            if isinstance(first, UpstreamError) and not last and not (watch and watch.gone):
+                # Broke before its first byte: nothing reached the client.
+                source.close()
+                exchange.finish(ok=False, counted=False)
+                mark_failed(state, Status.OFFLINE, first.message)
+                failures.append(f"{endpoint.name}: {first.message}")
+                continue
+            return _stream_response(upstream, source, clock, first, route, exchange, model,
+                                    watch)
+        try:
+            content = upstream.read()
+        except BaseException as exc:
+            exchange.finish(ok=isinstance(exc, ClientDisconnected))
+            raise
+        if not last and upstream.status == 503 and b"Loading model" in content:
             exchange.finish(ok=True, counted=False)
             mark_failed(state, Status.LOADING, "llama.cpp is loading its model")
             failures.append(f"{endpoint.name}: loading its model")
@@ -193,34 +232,71 @@ def _forward(subpath: str, route: Route, body: bytes, payload: dict[str, Any],
         if not last and upstream.status == 501:
             # This server lacks the feature (embeddings off, no FIM tokens) and nothing was
             # generated: another candidate (same model, or any when none is named) may have it.
-            upstream.close()
             exchange.finish(ok=True, counted=False)
             state.unsupported.add(subpath)
             failures.append(f"{endpoint.name}: does not support /{subpath}")
             continue
-        return _relay(upstream, content, route, exchange, model)
+        if watch is not None:
+            watch.stop()
+        return _response(upstream, content, exchange, model)
     raise NoEndpointAvailable("No llama.cpp endpoint could take the request"
                               + (f" ({'; '.join(failures)})" if failures else ""))
 
 
-def _relay(upstream: Upstream, content: bytes | None, route: Route, exchange: Exchange,
-           model: str | None) -> Response:
+def _inbound_headers() -> dict[str, str]:
+    inbound = dict(request.headers)
+    inbound["X-Request-Id"] = g.request_id
+    forwarded_for = request.headers.get("X-Forwarded-For")
+    remote = request.remote_addr or ""
+    inbound["X-Forwarded-For"] = f"{forwarded_for}, {remote}" if forwarded_for else remote
+    inbound.setdefault("X-Forwarded-Proto", request.scheme)
+    return inbound
+
+
+def _socket_timeouts(limits: Timeouts, streamed: bool) -> tuple[float, float]:
+    """(connect, read) for the socket. A non-streamed answer comes whole once generated, so
+    its read timeout is the first-byte (and total) limit; a stream's deadlines are kept by
+    the relay, the socket's only backs them up."""
+    read = limits.first_byte_timeout
+    if streamed:
+        read = max(read, limits.read_timeout)
+    elif limits.response_timeout > 0:
+        read = min(read, limits.response_timeout)
+    return limits.connection_timeout, read
+
+
+def _headers(upstream: Upstream, exchange: Exchange, model: str | None) -> Headers:
     headers = Headers(response_headers(upstream.headers))
     headers.set("X-Olla-Endpoint", exchange.state.endpoint.name)
     headers.set("X-Olla-Model", model or exchange.model)
     headers.set("X-Olla-Backend-Type", BACKEND_TYPE)
-    # Non-streamed: the whole upstream exchange. Streams: the time to the upstream's
-    # headers, the only figure known before the body starts.
+    # Non-streamed: the whole upstream exchange. Streams: to the first byte of the body
+    # (or the first keepalive), when the headers go out.
     headers.set("X-Olla-Response-Time", _elapsed_ms())
-    if content is not None:
-        if b'"timings"' in content or b'"usage"' in content:
-            exchange.timings = find_timings(content)
-        exchange.finish()
-        return Response(content, status=upstream.status, headers=headers)
+    return headers
+
+
+def _response(upstream: Upstream, content: bytes, exchange: Exchange,
+              model: str | None) -> Response:
+    if b'"timings"' in content or b'"usage"' in content:
+        exchange.timings = find_timings(content)
+    exchange.finish()
+    return Response(content, status=upstream.status, headers=_headers(upstream, exchange, model))
+
+
+def _stream_response(upstream: Upstream, source: Source, clock: Clock, first: Any,
+                     route: Route, exchange: Exchange, model: str | None,
+                     watch: disconnect.Watch | None) -> Response:
+    headers = _headers(upstream, exchange, model)
     headers.set("X-Accel-Buffering", "no")
     headers.set("Cache-Control", "no-cache")
-    response = Response(relay(upstream, exchange, openai=route.openai),
+    gone = (lambda: watch.gone) if watch is not None else (lambda: False)
+    response = Response(relay(source, exchange, clock, first, openai=route.openai,
+                              client_gone=gone),
                         status=upstream.status, headers=headers, direct_passthrough=True)
-    response.call_on_close(upstream.close)
+    # Also when the body is never iterated (the client left before it started).
+    response.call_on_close(source.close)
     response.call_on_close(exchange.finish)
+    if watch is not None:
+        response.call_on_close(watch.stop)
     return response

@@ -1,0 +1,80 @@
+"""Noticing a client that went away while the proxy waits: in the queue, for llama.cpp to
+answer, or for a stream's first token.
+
+A write to a gone client fails at once, but while the proxy waits nothing is written. So a
+greenlet per request watches the client's socket; when it reads end-of-file it aborts the
+upstream exchange (which makes llama.cpp stop and free the slot) or, before there is one,
+interrupts the request's greenlet with ClientDisconnected. Only under gunicorn's gevent
+worker, which hands the socket over in ``environ["gunicorn.socket"]``.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .errors import ClientDisconnected
+
+
+class Watch:
+    """Watches one client connection until ``stop()``."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        import gevent
+
+        self.sock = sock
+        self.gone = False
+        self.owner = gevent.getcurrent()
+        self._abort: Callable[[], None] | None = None
+        self._greenlet = gevent.spawn(self._run)
+
+    def _run(self) -> None:
+        from gevent.socket import wait_read
+
+        try:
+            wait_read(self.sock.fileno())
+            data = self.sock.recv(1, socket.MSG_PEEK)
+        except OSError:
+            data = b""
+        if data:
+            return  # the client sent more (a pipelined request): it is still there
+        self.gone = True
+        if self._abort is not None:
+            self._abort()
+        else:
+            import gevent
+
+            gevent.kill(self.owner, ClientDisconnected, block=False)
+
+    def on_gone(self, abort: Callable[[], None] | None) -> None:
+        """What to do when the client goes: abort this (an open upstream exchange); None:
+        interrupt the request's greenlet instead."""
+        self._abort = abort
+        if self.gone and abort is not None:
+            abort()
+
+    def wait(self, event: threading.Event, timeout: float) -> bool:
+        """Wait for ``event``; ClientDisconnected if the client is gone (used in the queue)."""
+        if self.gone:
+            raise ClientDisconnected("the client closed the connection")
+        return event.wait(timeout)
+
+    def stop(self) -> None:
+        """Stop watching (the answer is complete, or the request is over)."""
+        self._greenlet.kill(block=False)
+
+
+def watch(environ: Mapping[str, Any]) -> Watch | None:
+    """A Watch on this request's client, when running under gunicorn's gevent worker."""
+    sock = environ.get("gunicorn.socket")
+    if sock is None:
+        return None
+    try:
+        from gevent import monkey
+    except ImportError:
+        return None
+    if not monkey.is_module_patched("socket"):
+        return None
+    return Watch(sock)
