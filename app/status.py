@@ -213,6 +213,7 @@ class EndpointView:
     state: EndpointState
     id: str
     clock: Clock
+    queued: int = 0        # requests waiting that could use this endpoint
 
     @property
     def next_check_wall(self) -> float | None:
@@ -287,9 +288,14 @@ def traffic(view: EndpointView) -> dict[str, Any]:
 
 def capacity(view: EndpointView) -> dict[str, Any]:
     """llama.cpp's own figures from /props (ours, not Olla's)."""
-    build = view.state.props.get("build_info")
-    return {"total_slots": view.state.total_slots, "n_ctx": view.state.n_ctx,
-            "build_info": build if isinstance(build, str) else None}
+    state = view.state
+    build = state.props.get("build_info")
+    return {"total_slots": state.total_slots, "n_ctx": state.n_ctx,
+            "build_info": build if isinstance(build, str) else None,
+            # Ours: this worker's requests plus others seen busy in /slots.
+            "slots_in_use": state.slots_in_use,
+            "slots_polled": state.slots_polling,
+            "queued": view.queued}
 
 
 def status_summary(view: EndpointView) -> dict[str, Any]:
@@ -330,10 +336,24 @@ def _views(svc: Services, clock: Clock) -> list[EndpointView]:
     """Every endpoint, Olla's order: priority first, healthy first within it, then name."""
     states = list(svc.registry)
     ids = endpoint_ids(states)
-    views = [EndpointView(s, ids[s.endpoint.name], clock) for s in states]
+    views = [EndpointView(s, ids[s.endpoint.name], clock, svc.dispatcher.waiting_for(s))
+             for s in states]
     return sorted(views, key=lambda v: (-v.state.endpoint.priority,
                                         v.state.status is not Status.HEALTHY,
                                         v.state.endpoint.name, v.id))
+
+
+def queue_status(svc: Services) -> dict[str, Any]:
+    """The slot queue (ours): depth, bound, the longest current wait, per model."""
+    dispatcher, settings = svc.dispatcher, svc.settings.proxy.queue
+    return {
+        "depth": dispatcher.depth(),
+        "max_size": settings.max_size,
+        "timeout_s": settings.timeout,
+        "longest_wait_ms": ms(dispatcher.longest_wait() * 1000),
+        "by_model": {key or "(no model named)": len(waiters)
+                     for key, waiters in dispatcher.queues.items() if waiters},
+    }
 
 
 def endpoints_status(svc: Services, clock: Clock | None = None) -> dict[str, Any]:
@@ -346,6 +366,7 @@ def endpoints_status(svc: Services, clock: Clock | None = None) -> dict[str, Any
         "healthy_count": sum(v.state.status is Status.HEALTHY for v in views),
         "routable_count": sum(v.state.routable for v in views),
         "endpoints": [serialize_endpoint(v) for v in views],
+        "queue": queue_status(svc),
     })
 
 
@@ -363,6 +384,7 @@ def system_status(svc: Services, clock: Clock | None = None) -> dict[str, Any]:
         "endpoints": [serialize_endpoint(v, STATUS_ENDPOINT_FIELDS) for v in views],
         "proxy": {"engine": "olla-py", "profile": "streaming",
                   "balancer": svc.settings.proxy.load_balancer},
+        "queue": queue_status(svc),
         "system": {
             "status": fleet_status(healthy, len(states), successes, requests),
             "endpoints_up": f"{healthy}/{len(states)}",
