@@ -20,10 +20,11 @@ MODEL = "gated-model.gguf"
 class GatedUpstream:
     """Serves /health, /v1/models, /props and streaming POSTs on a loopback port."""
 
-    def __init__(self, hold_seconds: float = 20.0) -> None:
+    def __init__(self, hold_seconds: float = 20.0, die_first: bool = False) -> None:
         self.gate = threading.Event()
         self.first_sent = threading.Event()
         self.hold_seconds = hold_seconds
+        self.die_first = die_first
         self.requests: list[dict[str, Any]] = []
         self.open_sockets: list[Any] = []
         upstream = self
@@ -78,7 +79,19 @@ class GatedUpstream:
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
-                self._chunk(b'data: {"content":"first","stop":false}\n\n')
+                self.wfile.flush()
+                # Test knobs in the body: x_delay_first (seconds of "prompt processing"
+                # before the first event), x_die_first (close before any event).
+                if upstream.die_first or body.get("x_die_first"):
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                delay = float(body.get("x_delay_first", 0))
+                if upstream.gate.wait(delay) if delay else False:
+                    delay = 0
+                try:
+                    self._chunk(b'data: {"content":"first","stop":false}\n\n')
+                except OSError:
+                    return
                 upstream.first_sent.set()
                 released = upstream.gate.wait(upstream.hold_seconds)
                 tail = b'data: {"content":"","stop":true,"released":%s}\n\n' % (

@@ -1,0 +1,207 @@
+"""Slots and the queue, driven with threads (no gevent, no sockets)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from app.config import Endpoint, QueueSettings
+from app.dispatch import SLOTS_EXHAUSTED, Dispatcher
+from app.errors import ClientDisconnected, SlotsExhausted
+from app.registry import EndpointState, Status
+
+
+def endpoint(name: str, slots: int | None) -> EndpointState:
+    state = EndpointState(Endpoint(name=name, url=f"http://{name}.test"))
+    state.status = Status.HEALTHY
+    if slots is not None:
+        state.props = {"total_slots": slots}
+    return state
+
+
+def dispatcher(max_size: int = 10, timeout: float = 5.0) -> Dispatcher:
+    return Dispatcher(QueueSettings(max_size=max_size, timeout=timeout, retry_after=3))
+
+
+def wait_for(condition: object, seconds: float = 2.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return
+        time.sleep(0.005)
+    raise AssertionError("condition not met")
+
+
+class Client(threading.Thread):
+    """Acquires a slot in the background; records what it got."""
+
+    def __init__(self, d: Dispatcher, key: str, eligible: list[EndpointState],
+                 log: list[str] | None = None, name: str = "") -> None:
+        super().__init__(daemon=True)
+        self.d, self.key, self.eligible, self.log, self.label = d, key, eligible, log, name
+        self.got: EndpointState | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.got = self.d.acquire(self.key, self.eligible)
+            if self.log is not None:
+                self.log.append(self.label)
+        except BaseException as exc:  # noqa: BLE001 - recorded for the test to check
+            self.error = exc
+
+
+def test_free_slot_is_taken_at_once() -> None:
+    d, a = dispatcher(), endpoint("a", 2)
+    assert d.acquire("m", [a]) is a and d.acquire("m", [a]) is a
+    assert a.in_flight == 2 and not a.has_free_slot
+
+
+def test_first_free_in_router_order() -> None:
+    d, a, b = dispatcher(), endpoint("a", 1), endpoint("b", 1)
+    assert d.acquire("m", [a, b]) is a
+    assert d.acquire("m", [a, b]) is b
+
+
+def test_unknown_capacity_never_queues() -> None:
+    d, a = dispatcher(max_size=0), endpoint("a", None)
+    for _ in range(50):
+        assert d.acquire("m", [a]) is a
+
+
+def test_waiters_are_served_in_arrival_order() -> None:
+    d, a = dispatcher(), endpoint("a", 1)
+    d.acquire("m", [a])
+    order: list[str] = []
+    clients = []
+    for i in range(4):
+        client = Client(d, "m", [a], order, f"c{i}")
+        client.start()
+        wait_for(lambda i=i: d.depth() == i + 1)
+        clients.append(client)
+    for expected in range(1, 5):
+        d.release(a)
+        wait_for(lambda expected=expected: len(order) == expected)
+    assert order == ["c0", "c1", "c2", "c3"]
+    assert a.in_flight == 1 and d.depth() == 0
+
+
+def test_oldest_waiter_first_across_models() -> None:
+    d, a = dispatcher(), endpoint("a", 1)
+    d.acquire("x", [a])
+    order: list[str] = []
+    first = Client(d, "y", [a], order, "y-first")
+    first.start()
+    wait_for(lambda: d.depth() == 1)
+    second = Client(d, "x", [a], order, "x-second")
+    second.start()
+    wait_for(lambda: d.depth() == 2)
+    d.release(a)
+    wait_for(lambda: len(order) == 1)
+    assert order == ["y-first"]
+
+
+def test_a_new_request_does_not_jump_the_queue() -> None:
+    d, a = dispatcher(), endpoint("a", 1)
+    d.acquire("m", [a])
+    waiting = Client(d, "m", [a])
+    waiting.start()
+    wait_for(lambda: d.depth() == 1)
+    a.in_flight -= 1          # the slot frees without pump() (e.g. between two calls)
+    late = Client(d, "m", [a])
+    late.start()
+    wait_for(lambda: d.depth() == 2)  # it queues behind the waiter, not past it
+    d.pump()
+    wait_for(lambda: waiting.got is a)
+    assert late.got is None
+
+
+def test_full_queue_is_503_slots_exhausted_with_retry_after() -> None:
+    d, a = dispatcher(max_size=1), endpoint("a", 1)
+    d.acquire("m", [a])
+    Client(d, "m", [a]).start()
+    wait_for(lambda: d.depth() == 1)
+    with pytest.raises(SlotsExhausted) as raised:
+        d.acquire("m", [a])
+    error = raised.value
+    assert (error.status, error.code, error.type) == (503, "slots_exhausted", "server_error")
+    assert error.message == SLOTS_EXHAUSTED
+    assert error.headers == {"Retry-After": "3"}
+
+
+def test_queue_size_zero_never_waits() -> None:
+    d, a = dispatcher(max_size=0), endpoint("a", 1)
+    d.acquire("m", [a])
+    with pytest.raises(SlotsExhausted):
+        d.acquire("m", [a])
+
+
+def test_wait_timeout_is_503_and_leaves_the_queue() -> None:
+    d, a = dispatcher(timeout=0.05), endpoint("a", 1)
+    d.acquire("m", [a])
+    started = time.monotonic()
+    with pytest.raises(SlotsExhausted):
+        d.acquire("m", [a])
+    assert time.monotonic() - started >= 0.05
+    assert d.depth() == 0 and d.queues == {}
+
+
+def test_client_gone_while_queued_leaves_at_once() -> None:
+    d, a = dispatcher(), endpoint("a", 1)
+    d.acquire("m", [a])
+
+    def gone(event: threading.Event, timeout: float) -> bool:
+        raise ClientDisconnected("bye")
+
+    with pytest.raises(ClientDisconnected):
+        d.acquire("m", [a], wait=gone)
+    assert d.depth() == 0 and a.in_flight == 1
+
+
+def test_slot_handed_over_as_the_client_left_is_given_back() -> None:
+    d, a = dispatcher(), endpoint("a", 1)
+    d.acquire("m", [a])
+
+    def released_then_gone(event: threading.Event, timeout: float) -> bool:
+        d.release(a)          # the slot frees and goes to this waiter...
+        assert event.is_set()
+        raise ClientDisconnected("...which had just gone")
+
+    with pytest.raises(ClientDisconnected):
+        d.acquire("m", [a], wait=released_then_gone)
+    assert a.in_flight == 0 and d.depth() == 0
+
+
+def test_others_busy_count_against_capacity() -> None:
+    d, a = dispatcher(max_size=0), endpoint("a", 2)
+    a.others_busy = 2
+    with pytest.raises(SlotsExhausted):
+        d.acquire("m", [a])
+    a.others_busy = 1
+    assert d.acquire("m", [a]) is a
+
+
+def test_unroutable_endpoints_get_nothing_until_pumped_back() -> None:
+    d, a = dispatcher(), endpoint("a", 1)
+    a.status = Status.LOADING
+    client = Client(d, "m", [a])
+    client.start()
+    wait_for(lambda: d.depth() == 1)
+    a.status = Status.HEALTHY
+    d.pump()                  # what the health loop does after each round
+    wait_for(lambda: client.got is a)
+
+
+def test_status_figures() -> None:
+    d, a, b = dispatcher(), endpoint("a", 1), endpoint("b", 1)
+    d.acquire("m", [a])
+    Client(d, "m", [a]).start()
+    wait_for(lambda: d.depth() == 1)
+    time.sleep(0.02)
+    assert d.longest_wait() >= 0.02
+    assert (d.waiting_for(a), d.waiting_for(b)) == (1, 0)
+    d.release(a)
+    wait_for(lambda: d.depth() == 0)
+    assert d.longest_wait() == 0.0
