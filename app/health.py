@@ -194,7 +194,7 @@ class HealthLoop:
             try:
                 if check_once(self.registry) and self.on_change is not None:
                     self.on_change()  # endpoints may have become usable: dispatch waiters
-            except Exception:
+            except Exception:  # the loop must outlive any one bad probe
                 log.exception("health check failed")
             gevent.sleep(self.tick)
 

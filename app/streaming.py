@@ -64,7 +64,7 @@ class Source:
             self._queue.put(END)
         except UpstreamError as exc:
             self._queue.put(exc)
-        except Exception as exc:
+        except Exception as exc:  # e.g. the response torn down under the reader
             self._queue.put(UpstreamError(f"upstream read failed: {exc!r}"))
 
     def next(self, timeout: float) -> Any:
