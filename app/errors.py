@@ -129,6 +129,12 @@ def _from_http_exception(exc: HTTPException) -> Response:
     return response
 
 
+def _from_client_gone(exc: ClientDisconnected) -> Response:
+    # Nobody is there to read it; 499 is nginx's "client closed request", for the logs.
+    log.info("client went away: %s", exc)
+    return Response(b"", status=499)
+
+
 def _from_unexpected(exc: Exception) -> Response:
     log.exception("unhandled error: %s", exc)
     return json_error(500, "Internal proxy error", "server_error", "internal_error")
@@ -137,5 +143,6 @@ def _from_unexpected(exc: Exception) -> Response:
 def register_error_handlers(app: Flask) -> None:
     """Map every error to the JSON envelope: ours, Werkzeug's, and anything unexpected."""
     app.register_error_handler(ProxyError, _from_proxy_error)
+    app.register_error_handler(ClientDisconnected, _from_client_gone)
     app.register_error_handler(HTTPException, _from_http_exception)
     app.register_error_handler(Exception, _from_unexpected)

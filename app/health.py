@@ -164,6 +164,7 @@ def poll_slots(pool: UpstreamPool, state: EndpointState) -> None:
     if busy is None:
         if status in (401, 403, 404, 501) or status == 200:
             state.slots_polling = False
+            state.others_busy = 0  # from now on local counts alone
             log.info("endpoint %s: /slots not available (%s); counting slots locally",
                      endpoint.name, status)
         return

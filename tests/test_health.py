@@ -228,3 +228,36 @@ def test_restart_with_another_model_is_rediscovered(fake: responses.RequestsMock
     check_once(registry, now=1.0, probe_fn=scripted(OFFLINE))
     check_once(registry, now=2.0, probe_fn=scripted(HEALTHY))     # back: rediscovered
     assert registry.states["a"].primary_model == "second.gguf"
+
+
+@pytest.mark.parametrize(("document", "busy"), [
+    ([{"id": 0, "is_processing": True}, {"id": 1, "is_processing": False}], 1),
+    ([{"id": 0, "state": 1}, {"id": 1, "state": 0}, {"id": 2, "state": 1}], 2),  # older builds
+    ([], 0),
+    ({"not": "a list"}, None),
+    ([1, 2], None),
+])
+def test_busy_slots(document: object, busy: int | None) -> None:
+    from app.health import busy_slots
+
+    assert busy_slots(document) == busy
+
+
+def test_slots_poll_counts_others_and_stops_when_refused(fake: responses.RequestsMock) -> None:
+    from app.health import poll_slots
+
+    endpoint = Endpoint(name="a", url=URL)
+    pool = UpstreamPool((endpoint,), ProxySettings())
+    state = EndpointState(endpoint)
+    state.in_flight = 1
+    fake.get(URL + "/slots", json=[{"id": 0, "is_processing": True},
+                                   {"id": 1, "is_processing": True},
+                                   {"id": 2, "is_processing": True}])
+    poll_slots(pool, state)
+    assert state.others_busy == 2 and state.slots_in_use == 3 and state.slots_polling
+    fake.replace(responses.GET, URL + "/slots", status=501,
+                 json={"error": {"code": 501, "message": "This server does not support slots",
+                                 "type": "not_supported_error"}})
+    poll_slots(pool, state)
+    assert not state.slots_polling
+    assert state.others_busy == 0 and state.slots_in_use == 1  # local counts alone

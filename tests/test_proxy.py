@@ -574,3 +574,16 @@ def test_stream_timings_read_from_the_final_event(twins: FlaskClient,
     assert list(model.tokens_per_second) == [99.0]
     assert model.completion_tokens == 2
     assert twins.application.extensions["olla"].registry.states["a"].in_flight == 0
+
+
+def test_client_gone_is_a_quiet_499(two_endpoints: FlaskClient,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.errors import ClientDisconnected
+
+    def gone(*args: object, **kwargs: object) -> None:
+        raise ClientDisconnected("bye")
+
+    monkeypatch.setattr(two_endpoints.application.extensions["olla"].router, "candidates",
+                        gone)
+    response = two_endpoints.post("/olla/llamacpp/completion", json={"prompt": "x"})
+    assert response.status_code == 499 and response.data == b""
