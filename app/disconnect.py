@@ -46,7 +46,7 @@ class Watch:
         else:
             import gevent
 
-            gevent.kill(self.owner, ClientDisconnected, block=False)
+            gevent.kill(self.owner, ClientDisconnected)
 
     def on_gone(self, abort: Callable[[], None] | None) -> None:
         """What to do when the client goes: abort this (an open upstream exchange); None:

@@ -155,11 +155,15 @@ def poll_slots(pool: UpstreamPool, state: EndpointState) -> None:
     requests belong to others (other workers, other clients). An endpoint that disables
     /slots or refuses it is not asked again; local counts then stand alone."""
     endpoint = state.endpoint
-    in_flight = state.in_flight
+    in_flight_before = state.in_flight
     try:
         status, document = pool.get_json(endpoint, "/slots", endpoint.check_timeout)
     except UpstreamError:
         return
+    # A request that started or ended during the poll may or may not show in it; count it
+    # as ours, not another's: overcounting others would hold requests back until the next
+    # poll, undercounting only lets llama.cpp queue one briefly.
+    in_flight = max(in_flight_before, state.in_flight)
     busy = busy_slots(document) if status == 200 else None
     if busy is None:
         if status in (401, 403, 404, 501) or status == 200:
