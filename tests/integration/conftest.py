@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from .procs import LlamaServer, Proxy
+from .procs import LlamaServer, Proxy, running
 
 API_KEY = "test-secret-key"
 CHAT_ALIAS = "gemma-chat"
@@ -16,21 +16,13 @@ CHAT_ALIAS = "gemma-chat"
 @pytest.fixture(scope="session")
 def llama_servers() -> Iterator[dict[str, LlamaServer]]:
     """Three real servers: chat (alias), embeddings (no alias: listed by file name), auth."""
-    servers = {
+    with running({
         "chat": LlamaServer(["--alias", CHAT_ALIAS, "--n-parallel", "2", "--n-ctx", "2048"]),
         "embed": LlamaServer(["--embedding", "--n-parallel", "2"]),
         "auth": LlamaServer(["--alias", "gemma-secure", "--api-key", API_KEY,
                              "--n-parallel", "1", "--n-ctx", "1024"]),
-    }
-    try:
-        for server in servers.values():
-            server.start()
-        for server in servers.values():
-            server.wait()
-        yield servers
-    finally:
-        for server in servers.values():
-            server.stop()
+    }) as servers:
+        yield dict(servers)
 
 
 @pytest.fixture(scope="session")

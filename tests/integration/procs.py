@@ -9,10 +9,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import requests
 import yaml
@@ -100,6 +101,23 @@ class LlamaServer:
 
     def busy_slots(self, api_key: str | None = None) -> int:
         return sum(1 for s in self.slots(api_key) if s.get("is_processing"))
+
+
+K = TypeVar("K")
+
+
+@contextmanager
+def running(servers: Mapping[K, LlamaServer]) -> Iterator[Mapping[K, LlamaServer]]:
+    """Start the servers side by side (they load at once), wait for all, stop all after."""
+    try:
+        for server in servers.values():
+            server.start()
+        for server in servers.values():
+            server.wait()
+        yield servers
+    finally:
+        for server in servers.values():
+            server.stop()
 
 
 @dataclass

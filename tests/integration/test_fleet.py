@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import requests
 
-from .procs import LlamaServer, Proxy
+from .procs import LlamaServer, Proxy, running
 
 pytestmark = pytest.mark.integration
 
@@ -23,22 +23,14 @@ RESULTS: dict[str, Any] = {}  # figures for the closing note, printed at the end
 
 @pytest.fixture(scope="module")
 def fleet() -> Iterator[dict[str, LlamaServer]]:
-    servers = {
+    with running({
         "chat-1": LlamaServer(["--alias", CHAT, "--n-parallel", "2", "--threads", "1"]),
         "chat-2": LlamaServer(["--alias", CHAT, "--n-parallel", "2", "--threads", "1"]),
         "code": LlamaServer(["--alias", CODE, "--n-parallel", "1", "--threads", "1"]),
         "embed": LlamaServer(["--alias", EMBED, "--embedding", "--n-parallel", "1",
                               "--threads", "1"]),
-    }
-    try:
-        for server in servers.values():
-            server.start()
-        for server in servers.values():
-            server.wait()
-        yield servers
-    finally:
-        for server in servers.values():
-            server.stop()
+    }) as servers:
+        yield dict(servers)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import requests
 
-from .procs import LlamaServer, Proxy
+from .procs import LlamaServer, Proxy, running
 
 pytestmark = pytest.mark.integration
 
@@ -52,17 +52,9 @@ def alias(n: int) -> str:
 @pytest.fixture(scope="module")
 def servers() -> Iterator[dict[int, LlamaServer]]:
     """One real llama-server per slot count: ``slots-1`` (1 slot), ``slots-2`` (2 slots)."""
-    started = {n: LlamaServer(["--alias", alias(n), "--n-parallel", str(n), "--n-ctx", "2048",
-                               "--threads", "1"]) for n in PARALLEL}
-    try:
-        for server in started.values():
-            server.start()
-        for server in started.values():
-            server.wait()
-        yield started
-    finally:
-        for server in started.values():
-            server.stop()
+    with running({n: LlamaServer(["--alias", alias(n), "--n-parallel", str(n), "--n-ctx",
+                                  "2048", "--threads", "1"]) for n in PARALLEL}) as started:
+        yield dict(started)
 
 
 def slots_proxy(start_proxy: Callable[..., Proxy], servers: dict[int, LlamaServer],
