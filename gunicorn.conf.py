@@ -8,6 +8,7 @@ config/config.yaml); ``server.host``/``server.port`` become the bind address unl
 import os
 
 from app import embedded
+from app import metrics_dir as metrics
 from app.config import ConfigError, load_settings
 
 try:
@@ -33,7 +34,9 @@ loglevel = _settings.log_level
 
 
 def on_starting(server):  # type: ignore[no-untyped-def]
-    """Start the embedded llama.cpp when no endpoint is configured."""
+    """Give the workers a fresh metrics directory; start the embedded llama.cpp when no
+    endpoint is configured."""
+    metrics.prepare_directory(os.environ)
     if _settings.endpoints or not _settings.embedded.enabled or os.environ.get(embedded.ENV_URL):
         return
     server.log.info("no endpoints configured: starting the embedded llama.cpp (Gemma 3 270M)")
@@ -41,6 +44,11 @@ def on_starting(server):  # type: ignore[no-untyped-def]
     os.environ[embedded.ENV_URL] = url
     server.olla_embedded = process
     server.log.info("embedded llama.cpp ready at %s", url)
+
+
+def child_exit(server, worker):  # type: ignore[no-untyped-def]
+    """A worker is gone: its live gauges (in-flight, queue depth) no longer count."""
+    metrics.forget_process(os.environ, worker.pid)
 
 
 def on_exit(server):  # type: ignore[no-untyped-def]

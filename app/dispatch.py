@@ -14,10 +14,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .config import QueueSettings
 from .errors import SlotsExhausted
 from .registry import EndpointState, Status
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 SLOTS_EXHAUSTED = "All slots are busy. Please try again later."
@@ -41,8 +45,9 @@ def _usable(state: EndpointState) -> bool:
 class Dispatcher:
     """Hands out slots; FIFO per model, oldest waiter first across models."""
 
-    def __init__(self, queue: QueueSettings) -> None:
+    def __init__(self, queue: QueueSettings, metrics: Metrics | None = None) -> None:
         self.settings = queue
+        self.metrics = metrics
         self.queues: dict[str, deque[Waiter]] = {}
         self._lock = threading.Lock()
 
@@ -52,6 +57,8 @@ class Dispatcher:
         for state in eligible:
             if _usable(state) and state.has_free_slot:
                 state.in_flight += 1
+                if self.metrics is not None:
+                    self.metrics.in_flight.labels(state.endpoint.name).inc()
                 return state
         return None
 
@@ -72,6 +79,7 @@ class Dispatcher:
                                       f"({self.settings.max_size} waiting)")
             waiter = Waiter(key, eligible)
             queue.append(waiter)
+            self._count(key, +1)
         try:
             (wait or _wait)(waiter.event, self.settings.timeout)
         except BaseException:
@@ -92,6 +100,7 @@ class Dispatcher:
             queue = self.queues.get(waiter.key)
             if waiter.chosen is None and queue is not None and waiter in queue:
                 queue.remove(waiter)
+                self._count(waiter.key, -1)
                 self._drop_if_empty(waiter.key)
             return waiter.chosen
 
@@ -103,7 +112,13 @@ class Dispatcher:
         """A request on ``state`` is over: free its slot and dispatch whoever can use it."""
         with self._lock:
             state.in_flight -= 1
+            if self.metrics is not None:
+                self.metrics.in_flight.labels(state.endpoint.name).dec()
         self.pump()
+
+    def _count(self, key: str, change: int) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.labels(key).inc(change)
 
     def pump(self) -> None:
         """Dispatch waiting requests while slots are free (also after health changes)."""
@@ -115,6 +130,7 @@ class Dispatcher:
                     chosen = self._take(waiter.eligible)
                     if chosen is not None:
                         self.queues[waiter.key].popleft()
+                        self._count(waiter.key, -1)
                         self._drop_if_empty(waiter.key)
                         waiter.chosen = chosen
                         waiter.event.set()

@@ -130,6 +130,8 @@ def check_once(registry: Registry, now: float | None = None,
             registry.discover(state)
         if state.routable and state.slots_polling:
             poll_slots(registry.pool, state)
+        if state.routable and state.metrics_polling:
+            poll_metrics(registry.pool, state)
 
     each(check, due)
     return [s.endpoint.name for s in due]
@@ -148,6 +150,24 @@ def busy_slots(document: Any) -> int | None:
         else:
             busy += slot.get("state", 0) != 0
     return busy
+
+
+def poll_metrics(pool: UpstreamPool, state: EndpointState) -> None:
+    """Keep the endpoint's own Prometheus text (llama-server's --metrics) for re-export.
+    An endpoint without it (501), or refusing it, is not asked again."""
+    endpoint = state.endpoint
+    try:
+        upstream = pool.open(endpoint, "GET", "/metrics", headers=endpoint.headers,
+                             timeout=(endpoint.check_timeout, endpoint.check_timeout))
+        body = upstream.read()
+    except UpstreamError:
+        return
+    if upstream.status == 200:
+        state.metrics_text = body.decode("utf-8", "replace")
+    elif upstream.status in (401, 403, 404, 501):
+        state.metrics_polling = False
+        state.metrics_text = None
+        log.info("endpoint %s: /metrics not available (%s)", endpoint.name, upstream.status)
 
 
 def poll_slots(pool: UpstreamPool, state: EndpointState) -> None:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import time
+from typing import TYPE_CHECKING, Any
 
 from .config import Settings
+
+if TYPE_CHECKING:
+    from .stats import Exchange
 
 
 class JsonFormatter(logging.Formatter):
@@ -39,3 +43,45 @@ def configure(settings: Settings) -> None:
             "%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger.addHandler(handler)
     logger.propagate = False
+
+
+class RequestLog:
+    """One line per request under the proxy prefix: request id, endpoint, model, route,
+    status, time to first byte, total, tokens. Text as ``key=value`` pairs; with
+    ``logging.format: json`` the same fields as JSON keys."""
+
+    def __init__(self) -> None:
+        self.log = logging.getLogger("app.requests")
+
+    def line(self, request_id: str, endpoint: str, model: str, route: str, status: int,
+             ttfb_ms: float | None, total_ms: float,
+             usage: tuple[int | None, int | None, float | None] | None,
+             outcome: str = "ok") -> None:
+        """Write one request's line."""
+        if not self.log.isEnabledFor(logging.INFO):
+            return
+        prompt, completion, rate = usage or (None, None, None)
+        fields: dict[str, Any] = {
+            "request_id": request_id, "endpoint": endpoint, "model": model, "route": route,
+            "status": status, "outcome": outcome,
+            "ttfb_ms": round(ttfb_ms, 1) if ttfb_ms is not None else None,
+            "total_ms": round(total_ms, 1), "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "tokens_per_second": round(rate, 1) if rate is not None else None}
+        text = " ".join(f"{k}={_text(v)}" for k, v in fields.items() if v is not None)
+        self.log.info("%s", text, extra=fields)
+
+    def exchange(self, exchange: Exchange, request_id: str, status: int) -> None:
+        """The line for a finished proxied request."""
+        self.line(request_id, exchange.state.endpoint.name, exchange.model, exchange.route,
+                  status, exchange.ttfb_ms, exchange.total_ms, exchange.usage(),
+                  "ok" if exchange.ok else "upstream_error")
+
+    def stream_done(self, exchange: Exchange) -> None:
+        """The line for a stream, when it ends."""
+        self.exchange(exchange, exchange.request_id, exchange.status)
+
+
+def _text(value: Any) -> str:
+    text = str(value)
+    return json.dumps(text) if (not text or " " in text or '"' in text) else text

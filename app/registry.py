@@ -72,6 +72,9 @@ class EndpointState:
     # clients) seen busy in /slots when last polled.
     others_busy: int = 0
     slots_polling: bool = True                  # False once /slots is disabled or refused
+    # llama.cpp's own Prometheus text from /metrics (--metrics), re-exported by the proxy.
+    metrics_text: str | None = None
+    metrics_polling: bool = True                # False once /metrics is disabled or refused
     # Traffic through this worker.
     in_flight: int = 0
     requests: int = 0

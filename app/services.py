@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from flask import Flask, current_app
@@ -10,9 +11,11 @@ from .balancer import make_balancer
 from .config import Settings
 from .dispatch import Dispatcher
 from .health import HealthLoop
+from .logs import RequestLog
+from .metrics import Metrics
 from .registry import Registry
 from .routing import Router
-from .stats import Stats
+from .stats import Exchange, Stats
 from .upstream import UpstreamPool
 
 
@@ -28,6 +31,13 @@ class Services:
     health: HealthLoop
     stats: Stats
     dispatcher: Dispatcher
+    metrics: Metrics
+    request_log: RequestLog
+
+    @property
+    def observers(self) -> tuple[Callable[[Exchange], None], ...]:
+        """Told about every finished proxied request."""
+        return (self.stats.record, self.metrics.record)
 
     @classmethod
     def build(cls, settings: Settings, version: str) -> Services:
@@ -37,9 +47,11 @@ class Services:
                             discovery_interval=settings.discovery_interval)
         router = Router(registry, settings.model_aliases,
                         make_balancer(settings.proxy.load_balancer))
-        dispatcher = Dispatcher(settings.proxy.queue)
+        metrics = Metrics()
+        dispatcher = Dispatcher(settings.proxy.queue, metrics)
         return cls(settings, version, pool, registry, router,
-                   HealthLoop(registry, on_change=dispatcher.pump), Stats(), dispatcher)
+                   HealthLoop(registry, on_change=dispatcher.pump), Stats(), dispatcher,
+                   metrics, RequestLog())
 
     def start_background(self) -> None:
         """Start this worker's health-check greenlet (call after gevent has patched)."""

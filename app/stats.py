@@ -7,7 +7,7 @@ import json
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,17 +82,11 @@ class Stats:
         model.last_requested = time.time()
         name = exchange.state.endpoint.name
         model.endpoints[name] = model.endpoints.get(name, 0) + 1
-        timings = (exchange.timings or {}).get("timings") or {}
-        usage = (exchange.timings or {}).get("usage") or {}
-        rate = timings.get("predicted_per_second")
-        if isinstance(rate, (int, float)) and rate > 0:
-            model.tokens_per_second.append(float(rate))
-        prompt = usage.get("prompt_tokens", timings.get("prompt_n"))
-        completion = usage.get("completion_tokens", timings.get("predicted_n"))
-        if isinstance(prompt, int):
-            model.prompt_tokens += prompt
-        if isinstance(completion, int):
-            model.completion_tokens += completion
+        prompt, completion, rate = exchange.usage()
+        if rate:
+            model.tokens_per_second.append(rate)
+        model.prompt_tokens += prompt or 0
+        model.completion_tokens += completion or 0
 
 
 @dataclass
@@ -103,8 +97,12 @@ class Exchange:
     model: str
     route: str
     started: float                          # perf_counter at the request's arrival
-    stats: Stats
     release: Callable[[EndpointState], None]  # gives the slot back (the dispatcher's)
+    # Told about every counted exchange once it is over: stats, metrics, the request log.
+    observers: Sequence[Callable[[Exchange], None]] = ()
+    queue_wait_ms: float = 0.0
+    request_id: str = ""
+    overhead_ms: float | None = None        # the proxy's own time before sending upstream
     ttfb_ms: float | None = None
     status: int = 0
     ok: bool = True
@@ -112,10 +110,32 @@ class Exchange:
     total_ms: float = 0.0
     finished: bool = False
 
+    def sending(self) -> None:
+        """The upstream request is about to go out."""
+        self.overhead_ms = max(0.0, (time.perf_counter() - self.started) * 1000
+                               - self.queue_wait_ms)
+
     def answered(self, status: int) -> None:
-        """The upstream's status line and headers arrived."""
+        """The upstream's status line and headers arrived (a non-streamed answer's first
+        byte; a stream's first byte is its first event: ``first_byte()``)."""
         self.status = status
         self.ttfb_ms = (time.perf_counter() - self.started) * 1000
+
+    def first_byte(self) -> None:
+        """A stream's first event arrived."""
+        self.ttfb_ms = (time.perf_counter() - self.started) * 1000
+
+    def usage(self) -> tuple[int | None, int | None, float | None]:
+        """(prompt tokens, generated tokens, tokens per second) from llama.cpp's ``usage``
+        or ``timings``, where it reported them."""
+        timings = (self.timings or {}).get("timings") or {}
+        usage = (self.timings or {}).get("usage") or {}
+        prompt = usage.get("prompt_tokens", timings.get("prompt_n"))
+        completion = usage.get("completion_tokens", timings.get("predicted_n"))
+        rate = timings.get("predicted_per_second")
+        return (prompt if isinstance(prompt, int) else None,
+                completion if isinstance(completion, int) else None,
+                float(rate) if isinstance(rate, (int, float)) and rate > 0 else None)
 
     def finish(self, ok: bool | None = None, counted: bool = True) -> None:
         """The exchange is over (body relayed, failed, or the client left). An attempt
@@ -134,4 +154,5 @@ class Exchange:
         if counted or not self.ok:
             self.state.record_request(self.ok, self.total_ms)
         if counted:
-            self.stats.record(self)
+            for observe in self.observers:
+                observe(self)

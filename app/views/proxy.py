@@ -80,7 +80,26 @@ def _stamp(response: Response) -> Response:
             headers.setdefault("X-Olla-Backend-Type", BACKEND_TYPE)
             if "X-Olla-Response-Time" not in headers and "started" in g:
                 headers["X-Olla-Response-Time"] = _elapsed_ms()
+            _account(response.status_code)
     return response
+
+
+def _account(status: int) -> None:
+    """Count the answer, and log it now unless a stream is still running (its exchange
+    logs when it ends)."""
+    svc = services()
+    exchange: Exchange | None = g.get("exchange")
+    endpoint, model = (exchange.state.endpoint.name, exchange.model) if exchange else ("", "")
+    route = request.view_args.get("subpath", "") if request.view_args else ""
+    svc.metrics.answered(endpoint, model, route, status)
+    if exchange is None:
+        svc.request_log.line(g.get("request_id", ""), "", "", route, status,
+                             None, (time.perf_counter() - g.started) * 1000, None)
+    elif exchange.finished:
+        svc.request_log.exchange(exchange, g.get("request_id", ""), status)
+    else:
+        exchange.request_id = g.get("request_id", "")
+        exchange.observers = [*exchange.observers, svc.request_log.stream_done]
 
 
 def _elapsed_ms() -> str:
@@ -173,9 +192,11 @@ def _attempts(svc: Services, subpath: str, route: Route, body: bytes,
     failures: list[str] = []
     remaining = svc.router.candidates(model, subpath)
     while remaining:
+        waiting = time.perf_counter()
         state = svc.dispatcher.acquire(name_key(model) if model else "",
                                        [c.state for c in remaining],
                                        wait=watch.wait if watch else None)
+        queue_wait = time.perf_counter() - waiting
         candidate = next(c for c in remaining if c.state is state)
         remaining = [c for c in remaining if c is not candidate]
         last = not remaining
@@ -184,8 +205,12 @@ def _attempts(svc: Services, subpath: str, route: Route, body: bytes,
         if candidate.model is not None and candidate.model != model:
             out_body = json.dumps({**payload, "model": candidate.model}).encode()
         exchange = Exchange(state, model or candidate.model or state.primary_model or "",
-                            subpath, g.started, svc.stats, svc.dispatcher.release)
+                            subpath, g.started, svc.dispatcher.release, svc.observers,
+                            queue_wait_ms=queue_wait * 1000)
+        g.exchange = exchange
+        svc.metrics.queue_wait.labels(exchange.model).observe(queue_wait)
         limits = endpoint.limits
+        exchange.sending()
         try:
             upstream = svc.pool.open(endpoint, "POST", path, body=out_body,
                                      headers=request_headers(inbound, endpoint),
@@ -206,6 +231,8 @@ def _attempts(svc: Services, subpath: str, route: Route, body: bytes,
             clock = Clock(limits, svc.settings.proxy.sse_keepalive, g.started)
             try:
                 first = first_item(source, clock)
+                if isinstance(first, bytes):
+                    exchange.first_byte()
             except BaseException as exc:
                 source.close()
                 exchange.finish(ok=isinstance(exc, ClientDisconnected))

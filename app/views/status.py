@@ -10,11 +10,13 @@ from flask import Blueprint, Response, request
 
 from .. import status
 from ..errors import MethodNotAllowed
+from ..metrics import CONTENT_TYPE
 from ..services import services
 
 bp = Blueprint("status", __name__)
 PATHS = ("/internal/health", "/internal/status", "/internal/status/endpoints",
-         "/internal/status/models", "/internal/stats/models", "/olla/models", "/version")
+         "/internal/status/models", "/internal/stats/models", "/olla/models", "/version",
+         "/internal/metrics")
 
 
 def _json(document: Any) -> Response:
@@ -62,6 +64,13 @@ def unified_models() -> Response:
     svc = services()
     svc.registry.refresh()
     return _json(status.unified_models(svc, request.args))
+
+
+@bp.get("/internal/metrics")
+def metrics() -> Response:
+    """Prometheus text: every worker's series and the fleet's llama.cpp metrics."""
+    svc = services()
+    return Response(svc.metrics.render(svc), content_type=CONTENT_TYPE)
 
 
 @bp.get("/version")

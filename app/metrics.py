@@ -1,0 +1,175 @@
+"""Prometheus metrics (``GET /internal/metrics``) through ``prometheus_client``.
+
+Under gunicorn with several workers each worker is its own process with its own counters,
+so the library's multiprocess mode is used: gunicorn.conf.py points
+``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory before forking, every worker writes its
+samples there, and whichever worker answers a scrape sums them all (gauges of in-flight
+requests and queue depth as the live sum over workers). What each worker sees for itself
+anyway — endpoint state, slots, and every endpoint's own ``llamacpp:*`` metrics, which each
+worker's health loop reads — is exported by a collector of the answering worker, with an
+``endpoint`` label added, so one scrape shows the whole fleet.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+from .metrics_dir import MULTIPROC_ENV
+from .registry import EndpointState, Status
+
+if TYPE_CHECKING:
+    from .services import Services
+    from .stats import Exchange
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+OVERHEAD = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+WAIT = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+RATE = (1, 5, 10, 20, 35, 50, 75, 100, 150, 200, 300, 500, 1000)
+LABELS = ("endpoint", "model", "route")
+
+
+class Metrics:
+    """The proxy's own series, and the exposition of everything."""
+
+    def __init__(self) -> None:
+        self.multiprocess_dir = os.environ.get(MULTIPROC_ENV) or None
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("olla_requests", "Requests answered, by status",
+                                [*LABELS, "status"], registry=r)
+        self.ttfb = Histogram("olla_time_to_first_byte_seconds",
+                              "Arrival to the upstream's first byte (a stream's first event)",
+                              LABELS, buckets=SECONDS, registry=r)
+        self.duration = Histogram("olla_request_duration_seconds",
+                                  "Arrival to the last byte relayed", LABELS, buckets=SECONDS,
+                                  registry=r)
+        self.queue_wait = Histogram("olla_queue_wait_seconds",
+                                    "Time waiting for a free slot", ["model"], buckets=WAIT,
+                                    registry=r)
+        self.overhead = Histogram("olla_proxy_overhead_seconds",
+                                  "Time the proxy itself added before the upstream request "
+                                  "went out (parsing, validation, routing; queue wait "
+                                  "excluded)", LABELS, buckets=OVERHEAD, registry=r)
+        self.prompt_tokens = Counter("olla_prompt_tokens", "Prompt tokens (llama.cpp usage)",
+                                     ["endpoint", "model"], registry=r)
+        self.completion_tokens = Counter("olla_completion_tokens",
+                                         "Generated tokens (llama.cpp usage)",
+                                         ["endpoint", "model"], registry=r)
+        self.tokens_per_second = Histogram("olla_tokens_per_second",
+                                           "Generation speed (llama.cpp timings)",
+                                           ["endpoint", "model"], buckets=RATE, registry=r)
+        self.in_flight = Gauge("olla_in_flight_requests", "Requests holding a slot now",
+                               ["endpoint"], multiprocess_mode="livesum", registry=r)
+        self.queue_depth = Gauge("olla_queue_depth", "Requests waiting for a slot now",
+                                 ["model"], multiprocess_mode="livesum", registry=r)
+
+    def record(self, exchange: Exchange) -> None:
+        """Observe one finished proxied request."""
+        labels = (exchange.state.endpoint.name, exchange.model, exchange.route)
+        if exchange.ttfb_ms is not None:
+            self.ttfb.labels(*labels).observe(exchange.ttfb_ms / 1000)
+        self.duration.labels(*labels).observe(exchange.total_ms / 1000)
+        if exchange.overhead_ms is not None:
+            self.overhead.labels(*labels).observe(exchange.overhead_ms / 1000)
+        prompt, completion, rate = exchange.usage()
+        endpoint_model = labels[:2]
+        if prompt:
+            self.prompt_tokens.labels(*endpoint_model).inc(prompt)
+        if completion:
+            self.completion_tokens.labels(*endpoint_model).inc(completion)
+        if rate:
+            self.tokens_per_second.labels(*endpoint_model).observe(rate)
+
+    def answered(self, endpoint: str, model: str, route: str, status: int) -> None:
+        """Count one answered request (proxied or refused by the proxy itself)."""
+        self.requests.labels(endpoint, model, route, str(status)).inc()
+
+    def render(self, svc: Services) -> bytes:
+        """The exposition: every worker's series, plus this worker's view of the fleet."""
+        if self.multiprocess_dir:
+            merged = CollectorRegistry()
+            MultiProcessCollector(merged, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+            body = generate_latest(merged)
+        else:
+            body = generate_latest(self.registry)
+        fleet = CollectorRegistry()
+        fleet.register(FleetCollector(svc))
+        return body + generate_latest(fleet)
+
+
+STATES = tuple(s.value for s in Status)
+
+
+class FleetCollector(Collector):
+    """Endpoint state, slots and each endpoint's own llama.cpp metrics, as this worker's
+    health loop last saw them."""
+
+    def __init__(self, svc: Services) -> None:
+        self.svc = svc
+
+    def collect(self) -> Iterable[Metric]:
+        states = list(self.svc.registry)
+        state_family = GaugeMetricFamily("olla_endpoint_state",
+                                         "1 for the endpoint's current state",
+                                         labels=["endpoint", "state"])
+        up = GaugeMetricFamily("olla_endpoint_up", "1 if the endpoint takes requests",
+                               labels=["endpoint"])
+        slots = GaugeMetricFamily("olla_endpoint_slots", "llama.cpp slots (total_slots)",
+                                  labels=["endpoint"])
+        busy = GaugeMetricFamily("olla_endpoint_slots_in_use",
+                                 "Slots busy as this worker sees them (its requests and "
+                                 "others seen in /slots)", labels=["endpoint"])
+        for state in states:
+            name = state.endpoint.name
+            for value in STATES:
+                state_family.add_metric([name, value], 1.0 if state.status.value == value
+                                        else 0.0)
+            up.add_metric([name], 1.0 if state.routable else 0.0)
+            if state.total_slots is not None:
+                slots.add_metric([name], float(state.total_slots))
+            busy.add_metric([name], float(state.slots_in_use))
+        yield from (state_family, up, slots, busy)
+        yield from reexported(states)
+
+
+def reexported(states: Iterable[EndpointState]) -> Iterator[Metric]:
+    """Each endpoint's ``llamacpp:*`` families, merged, with an ``endpoint`` label."""
+    families: dict[str, Metric] = {}
+    for state in states:
+        text = state.metrics_text
+        if not text:
+            continue
+        try:
+            parsed = list(text_string_to_metric_families(text))
+        except ValueError as exc:
+            log.debug("unparseable /metrics from %s: %s", state.endpoint.name, exc)
+            continue
+        for family in parsed:
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(family.name, family.documentation,
+                                                        family.type, family.unit)
+            for sample in family.samples:
+                merged.add_sample(sample.name, {**sample.labels,
+                                                "endpoint": state.endpoint.name},
+                                  sample.value, sample.timestamp, sample.exemplar)
+    yield from families.values()
+
+
+def labels_of(exchange: Any) -> tuple[str, str]:
+    """(endpoint, model) labels for a request, "" when it never reached an endpoint."""
+    if exchange is None:
+        return "", ""
+    return exchange.state.endpoint.name, exchange.model

@@ -1,0 +1,74 @@
+"""Metrics under gunicorn with several workers, against a real llama.cpp server."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from .conftest import CHAT_ALIAS
+from .procs import LlamaServer, Proxy
+
+pytestmark = pytest.mark.integration
+
+
+def scrape(proxy: Proxy) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    text = requests.get(f"{proxy.url}/internal/metrics", timeout=10).text
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def pids_in(directory: Path) -> set[str]:
+    """Processes that wrote counters into the multiprocess directory."""
+    return {path.stem.rsplit("_", 1)[-1] for path in directory.glob("counter_*.db")}
+
+
+def test_two_workers_one_truth(start_proxy: Callable[..., Proxy], llama_chat: LlamaServer,
+                               tmp_path: Path) -> None:
+    proxy = start_proxy({"endpoints": [{"url": llama_chat.url, "name": "chat",
+                                        "check_interval": "1s"}]},
+                        env={"OLLA_WORKERS": "2", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
+    sent = 12
+
+    def one(i: int) -> int:
+        body = {"model": CHAT_ALIAS, "prompt": "Hello", "n_predict": 4, "stream": i % 2 == 0}
+        with requests.post(f"{proxy.url}/olla/llamacpp/completion", json=body,
+                           timeout=60) as response:
+            return response.status_code
+
+    assert [one(i) for i in range(sent)] == [200] * sent
+    # Which worker accepts a connection is the kernel's choice: tokenize (cheap, counted
+    # under its own route) on fresh connections until both workers have served something.
+    tokenized = 0
+    while len(pids_in(tmp_path)) < 2 and tokenized < 200:
+        assert requests.post(f"{proxy.url}/olla/llamacpp/tokenize", json={"content": "x"},
+                             timeout=10).status_code == 200
+        tokenized += 1
+    assert len(pids_in(tmp_path)) == 2
+    labels = {"endpoint": "chat", "model": CHAT_ALIAS, "route": "completion"}
+    key = ("olla_requests_total", frozenset({**labels, "status": "200"}.items()))
+    tokens = ("olla_completion_tokens_total",
+              frozenset({"endpoint": "chat", "model": CHAT_ALIAS}.items()))
+    reexported = ("llamacpp:requests_deferred", frozenset({"endpoint": "chat"}.items()))
+    deadline = time.monotonic() + 10
+    scrapes = 0
+    found = scrape(proxy)
+    while time.monotonic() < deadline and (scrapes < 8 or reexported not in found):
+        found = scrape(proxy)
+        scrapes += 1
+        # Whichever worker answers, the counts are the sum over both workers.
+        assert found[key] == sent
+        assert found[tokens] == sent * 4
+        assert found[("olla_request_duration_seconds_count",
+                      frozenset(labels.items()))] == sent
+        tokenize = ("olla_requests_total", frozenset(
+            {**labels, "route": "tokenize", "status": "200"}.items()))
+        assert found.get(tokenize, 0) == tokenized
+        time.sleep(0.1)
+    assert reexported in found, "llama.cpp's own metrics not re-exported"
+    assert found[("llamacpp:requests_deferred", frozenset({"endpoint": "chat"}.items()))] == 0
+    assert found[("olla_endpoint_up", frozenset({"endpoint": "chat"}.items()))] == 1
