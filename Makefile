@@ -1,7 +1,7 @@
 # The two commands a newcomer needs:
 #   make run    install what the proxy needs and run it (no config: embedded llama.cpp + Gemma)
 #   make test   install what the tests need, lint, type-check and run every test
-.PHONY: run test lint pytest bench clean
+.PHONY: run test lint pytest bench bench-proxy clean
 
 run:
 	scripts/bootstrap run
@@ -22,6 +22,10 @@ pytest:
 bench:
 	scripts/bootstrap bench
 	.venv/bin/python -m bench.core $(ARGS)
+
+bench-proxy:
+	scripts/bootstrap bench
+	.venv/bin/python -m bench $(ARGS)
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache .tox
