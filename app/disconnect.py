@@ -1,8 +1,8 @@
 """Noticing a client that went away while the proxy waits: in the queue, for llama.cpp to
 answer, or for a stream's first token.
 
-A write to a gone client fails at once, but while the proxy waits nothing is written. So a
-greenlet per request watches the client's socket; when it reads end-of-file it aborts the
+A write to a gone client fails at once, but while the proxy waits nothing is written. So an
+I/O watcher on the event loop watches the client's socket; when it reads end-of-file it aborts the
 upstream exchange (which makes llama.cpp stop and free the slot) or, before there is one,
 interrupts the request's greenlet with ClientDisconnected. Only under gunicorn's gevent
 worker, which hands the socket over in ``environ["gunicorn.socket"]``.
@@ -19,25 +19,30 @@ from .errors import ClientDisconnected
 
 
 class Watch:
-    """Watches one client connection until ``stop()``."""
+    """Watches one client connection until ``stop()``: an I/O watcher on the event loop,
+    no greenlet (cheap enough for every request)."""
 
     def __init__(self, sock: socket.socket) -> None:
         import gevent
 
-        self.sock = sock
+        # The real socket under gevent's wrapper: it is read from a loop callback, which
+        # must never block or switch.
+        self.sock: socket.socket = getattr(sock, "_sock", sock)
         self.gone = False
         self.owner = gevent.getcurrent()
         self._abort: Callable[[], None] | None = None
-        self._greenlet = gevent.spawn(self._run)
+        self._watcher: Any = gevent.get_hub().loop.io(self.sock.fileno(), 1)
+        self._watcher.start(self._readable)
 
-    def _run(self) -> None:
-        from gevent.socket import wait_read
-
+    def _readable(self) -> None:
         try:
-            wait_read(self.sock.fileno())
-            data = self.sock.recv(1, socket.MSG_PEEK)
+            data = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return  # a spurious wake-up: keep watching
         except OSError:
             data = b""
+        if self._watcher is not None:
+            self._watcher.stop()
         if data:
             return  # the client sent more (a pipelined request): it is still there
         self.gone = True
@@ -62,8 +67,11 @@ class Watch:
         return event.wait(timeout)
 
     def stop(self) -> None:
-        """Stop watching (the answer is complete, or the request is over)."""
-        self._greenlet.kill(block=False)
+        """Stop watching (the answer is complete, or the request is over); idempotent."""
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher.close()
+            self._watcher = None
 
 
 def watch(environ: Mapping[str, Any]) -> Watch | None:

@@ -58,7 +58,7 @@ class Dispatcher:
             if _usable(state) and state.has_free_slot:
                 state.in_flight += 1
                 if self.metrics is not None:
-                    self.metrics.in_flight.labels(state.endpoint.name).inc()
+                    self.metrics.child(self.metrics.in_flight, state.endpoint.name).inc()
                 return state
         return None
 
@@ -113,12 +113,12 @@ class Dispatcher:
         with self._lock:
             state.in_flight -= 1
             if self.metrics is not None:
-                self.metrics.in_flight.labels(state.endpoint.name).dec()
+                self.metrics.child(self.metrics.in_flight, state.endpoint.name).dec()
         self.pump()
 
     def _count(self, key: str, change: int) -> None:
         if self.metrics is not None:
-            self.metrics.queue_depth.labels(key).inc(change)
+            self.metrics.child(self.metrics.queue_depth, key).inc(change)
 
     def pump(self) -> None:
         """Dispatch waiting requests while slots are free (also after health changes)."""

@@ -45,6 +45,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.multiprocess_dir = os.environ.get(MULTIPROC_ENV) or None
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("olla_requests", "Requests answered, by status",
@@ -75,26 +76,36 @@ class Metrics:
         self.queue_depth = Gauge("olla_queue_depth", "Requests waiting for a slot now",
                                  ["model"], multiprocess_mode="livesum", registry=r)
 
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, memoised: the library validates labels on every
+        call, a cost on each request for children that exist after the first."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
     def record(self, exchange: Exchange) -> None:
         """Observe one finished proxied request."""
         labels = (exchange.state.endpoint.name, exchange.model, exchange.route)
+        child = self.child
         if exchange.ttfb_ms is not None:
-            self.ttfb.labels(*labels).observe(exchange.ttfb_ms / 1000)
-        self.duration.labels(*labels).observe(exchange.total_ms / 1000)
+            child(self.ttfb, *labels).observe(exchange.ttfb_ms / 1000)
+        child(self.duration, *labels).observe(exchange.total_ms / 1000)
         if exchange.overhead_ms is not None:
-            self.overhead.labels(*labels).observe(exchange.overhead_ms / 1000)
+            child(self.overhead, *labels).observe(exchange.overhead_ms / 1000)
         prompt, completion, rate = exchange.usage()
         endpoint_model = labels[:2]
         if prompt:
-            self.prompt_tokens.labels(*endpoint_model).inc(prompt)
+            child(self.prompt_tokens, *endpoint_model).inc(prompt)
         if completion:
-            self.completion_tokens.labels(*endpoint_model).inc(completion)
+            child(self.completion_tokens, *endpoint_model).inc(completion)
         if rate:
-            self.tokens_per_second.labels(*endpoint_model).observe(rate)
+            child(self.tokens_per_second, *endpoint_model).observe(rate)
 
     def answered(self, endpoint: str, model: str, route: str, status: int) -> None:
         """Count one answered request (proxied or refused by the proxy itself)."""
-        self.requests.labels(endpoint, model, route, str(status)).inc()
+        self.child(self.requests, endpoint, model, route, str(status)).inc()
 
     def render(self, svc: Services) -> bytes:
         """The exposition: every worker's series, plus this worker's view of the fleet."""

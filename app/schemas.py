@@ -7,6 +7,7 @@ client's original bytes, so validation never changes what llama.cpp receives.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -230,3 +231,22 @@ def validation_message(errors: Mapping[str, Any]) -> str:
     fields_sorted = {k: errors[k] for k in sorted(errors, key=str)}
     path, rule = _first_error(fields_sorted)
     return f"Invalid parameter: {path} {rule}".rstrip()
+
+
+@functools.lru_cache(maxsize=1024)
+def _focused(schema_class: type[Schema], names: frozenset[str]) -> Schema:
+    return schema_class(only=names)
+
+
+def check(schema: Schema, payload: Mapping[str, Any]) -> dict[str, Any]:
+    """``schema.validate(payload)``, checking only the fields the payload has (and the
+    required ones): the same errors, without visiting the twenty-odd absent optional fields
+    on every request. Schemas for each set of present fields are built once and cached."""
+    declared = schema.fields
+    names = frozenset(name for name in payload if name in declared) | _required(type(schema))
+    return _focused(type(schema), names).validate(payload)  # type: ignore[no-any-return]
+
+
+@functools.lru_cache(maxsize=64)
+def _required(schema_class: type[Schema]) -> frozenset[str]:
+    return frozenset(n for n, f in schema_class().fields.items() if f.required)

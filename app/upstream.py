@@ -17,6 +17,8 @@ from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
+from requests.cookies import RequestsCookieJar
+from requests.structures import CaseInsensitiveDict
 from urllib3.connection import HTTPConnection
 from urllib3.exceptions import HTTPError as Urllib3HTTPError
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
@@ -171,6 +173,46 @@ class _Adapter(HTTPAdapter):
         ]
         super().init_poolmanager(*args, **kwargs)
 
+    def build_response(self, req: requests.PreparedRequest, resp: Any) -> requests.Response:
+        """requests' own, less the cookie parsing and charset guessing the proxy never uses
+        (it relays raw bytes and headers)."""
+        response = requests.Response()
+        response.status_code = resp.status
+        response.headers = CaseInsensitiveDict(resp.headers)
+        response.raw = resp
+        response.reason = resp.reason
+        response.url = req.url or ""
+        response.request = req
+        response.connection = self
+        return response
+
+
+def _prepare(method: str, url: str, headers: Mapping[str, str] | None,
+             body: bytes | None) -> requests.PreparedRequest:
+    """A PreparedRequest built directly: the proxy's URL, headers and body are final, and
+    Session.prepare_request's merging (of session headers, cookies, auth, hooks) would only
+    cost time on every request."""
+    prepared = requests.PreparedRequest()
+    prepared.method = method
+    prepared.url = url
+    prepared.headers = CaseInsensitiveDict(headers or {})
+    prepared.body = body
+    if body is not None:
+        prepared.headers["Content-Length"] = str(len(body))
+    prepared.hooks = {"response": []}
+    return prepared
+
+
+class _NoCookies(RequestsCookieJar):
+    """The pool is shared by every client: a cookie an upstream sets must never ride along
+    on another client's request (and parsing them costs time)."""
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        return None
+
+    def set_cookie(self, cookie: Any, *args: Any, **kwargs: Any) -> None:
+        return None
+
 
 class UpstreamPool:
     """One pooled session per endpoint, with explicit (connect, read) timeouts."""
@@ -184,6 +226,7 @@ class UpstreamPool:
             session.mount("http://", adapter)
             session.mount("https://", adapter)
             session.trust_env = False
+            session.cookies = _NoCookies()
             # No default User-Agent or Accept-Encoding: the upstream sees the client's own.
             session.headers.clear()
             self._sessions[endpoint.name] = session
@@ -193,12 +236,11 @@ class UpstreamPool:
              timeout: tuple[float, float] | None = None) -> Upstream:
         """Send a request and return once the upstream's status and headers have arrived."""
         session = self._sessions[endpoint.name]
+        prepared = _prepare(method, endpoint.join(path), headers, body)
         for attempt in (1, 2):
             try:
-                response = session.request(method, endpoint.join(path), data=body,
-                                           headers=dict(headers or {}), stream=True,
-                                           timeout=timeout or self.timeout,
-                                           allow_redirects=False)
+                response = session.send(prepared, stream=True, timeout=timeout or self.timeout,
+                                        allow_redirects=False)
             except (requests.RequestException, Urllib3HTTPError, OSError) as exc:
                 if attempt == 1 and _closed_under_us(exc):
                     # llama-server closes idle keep-alive connections (after 5 s); one can

@@ -18,6 +18,7 @@ from app.schemas import (
     OpenAICompletionSchema,
     OpenAIEmbeddingSchema,
     TokenizeSchema,
+    check,
     validation_message,
 )
 
@@ -474,3 +475,22 @@ def test_validation_message_is_stable_whatever_the_field_order() -> None:
     first = validation_message(schema.validate(payload))
     assert first == validation_message(schema.validate(reordered))
     assert first == "Invalid parameter: n_predict must be an integer >= -1"
+
+
+@pytest.mark.parametrize("payload", [
+    {"prompt": "x"},
+    {"prompt": "x", "temperature": 3},
+    {"prompt": "x", "temperature": 0.5, "top_k": -1, "stop": [1], "unknown": {"a": 1}},
+    {"n_predict": 4},
+    {"messages": [{"content": "no role"}], "stream": "yes"},
+    {"messages": []},
+    {"content": None, "input": None},
+    {"tokens": ["a"]},
+    {},
+])
+@pytest.mark.parametrize("schema_class", [CompletionSchema, ChatCompletionSchema,
+                                          EmbeddingSchema, DetokenizeSchema, InfillSchema])
+def test_check_finds_exactly_what_full_validation_finds(schema_class: type,
+                                                        payload: dict[str, Any]) -> None:
+    schema = schema_class()
+    assert check(schema, payload) == schema.validate(payload)

@@ -147,7 +147,7 @@ def proxy(prefix: str, subpath: str) -> Response:
         return _list_models()
     body = request.get_data(cache=False)
     payload = _parse(body)
-    errors = route.schema.validate(payload)
+    errors = schemas.check(route.schema, payload)
     if errors:
         raise InvalidRequest(schemas.validation_message(errors))
     model = payload.get("model")
@@ -208,7 +208,7 @@ def _attempts(svc: Services, subpath: str, route: Route, body: bytes,
                             subpath, g.started, svc.dispatcher.release, svc.observers,
                             queue_wait_ms=queue_wait * 1000)
         g.exchange = exchange
-        svc.metrics.queue_wait.labels(exchange.model).observe(queue_wait)
+        svc.metrics.child(svc.metrics.queue_wait, exchange.model).observe(queue_wait)
         limits = endpoint.limits
         exchange.sending()
         try:
