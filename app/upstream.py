@@ -220,11 +220,13 @@ class UpstreamPool:
     def __init__(self, endpoints: tuple[Endpoint, ...], proxy: ProxySettings) -> None:
         self.timeout = (proxy.connection_timeout, proxy.read_timeout)
         self._sessions: dict[str, requests.Session] = {}
+        self._adapters: dict[str, _Adapter] = {}
         for endpoint in endpoints:
             session = requests.Session()
             adapter = _Adapter(pool_connections=1, pool_maxsize=POOL_SIZE, max_retries=0)
             session.mount("http://", adapter)
             session.mount("https://", adapter)
+            self._adapters[endpoint.name] = adapter
             session.trust_env = False
             session.cookies = _NoCookies()
             # No default User-Agent or Accept-Encoding: the upstream sees the client's own.
@@ -235,12 +237,13 @@ class UpstreamPool:
              headers: Mapping[str, str] | None = None,
              timeout: tuple[float, float] | None = None) -> Upstream:
         """Send a request and return once the upstream's status and headers have arrived."""
-        session = self._sessions[endpoint.name]
+        # The session's own transport, called directly: Session.send would only add hooks,
+        # cookie handling and redirect bookkeeping the proxy does not use.
+        adapter = self._adapters[endpoint.name]
         prepared = _prepare(method, endpoint.join(path), headers, body)
         for attempt in (1, 2):
             try:
-                response = session.send(prepared, stream=True, timeout=timeout or self.timeout,
-                                        allow_redirects=False)
+                response = adapter.send(prepared, stream=True, timeout=timeout or self.timeout)
             except (requests.RequestException, Urllib3HTTPError, OSError) as exc:
                 if attempt == 1 and _closed_under_us(exc):
                     # llama-server closes idle keep-alive connections (after 5 s); one can
