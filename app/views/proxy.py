@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,7 +66,8 @@ ROUTES: dict[str, Route] = {
 def _start() -> None:
     g.started = time.perf_counter()
     inbound = request.headers.get("X-Request-Id", "")
-    g.request_id = inbound if _SAFE_REQUEST_ID.match(inbound) else uuid.uuid4().hex
+    # 128 random bits as 32 hex digits, like uuid4().hex at a fraction of its cost.
+    g.request_id = inbound if _SAFE_REQUEST_ID.match(inbound) else os.urandom(16).hex()
 
 
 @bp.after_app_request
