@@ -42,52 +42,62 @@ def sse_error_event(message: str, openai: bool, code: str = "upstream_error") ->
 
 
 class Source:
-    """The upstream's chunks, readable with a timeout."""
+    """The upstream's chunks, readable with a timeout.
+
+    Under gevent a reader greenlet fetches the first chunk, so that the relay can wake up
+    for keepalives while llama.cpp processes the prompt. After it, chunks are read in place
+    with the socket's timeout set to the relay's deadline: a greenlet and a queue hop per
+    chunk would double the cost of relaying a token.
+    """
 
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
+        self._iterator = upstream.chunks()
         self._greenlet: Any = None
         if gevent_active():
             import gevent
             from gevent.queue import Queue
 
             self._queue: Any = Queue()
-            self._greenlet = gevent.spawn(self._pump)
-        else:
-            self._iterator = upstream.chunks()
+            self._greenlet = gevent.spawn(self._fetch_first)
 
-    def _pump(self) -> None:
+    def _read(self) -> Any:
+        """The next non-empty chunk, END or an UpstreamError."""
         try:
-            for chunk in self.upstream.chunks():
+            for chunk in self._iterator:
                 if chunk:
-                    self._queue.put(chunk)
-            self._queue.put(END)
+                    return chunk
+            return END
         except UpstreamError as exc:
-            self._queue.put(exc)
+            return exc
         except Exception as exc:  # e.g. the response torn down under the reader
-            self._queue.put(UpstreamError(f"upstream read failed: {exc!r}"))
+            return UpstreamError(f"upstream read failed: {exc!r}")
+
+    def _fetch_first(self) -> None:
+        self._queue.put(self._read())
 
     def next(self, timeout: float) -> Any:
         """A chunk, END, an UpstreamError, or TIMEOUT after ``timeout`` seconds."""
-        if self._greenlet is None:
-            try:
-                return next(self._iterator)
-            except StopIteration:
-                return END
-            except UpstreamError as exc:
-                return exc
-        from gevent.queue import Empty
+        if self._greenlet is not None:
+            from gevent.queue import Empty
 
-        try:
-            return self._queue.get(timeout=max(0.0, timeout))
-        except Empty:
-            return TIMEOUT
+            try:
+                item = self._queue.get(timeout=max(0.0, timeout))
+            except Empty:
+                return TIMEOUT
+            self._greenlet = None  # it has finished: from now on, read in place
+            return item
+        if math.isfinite(timeout):
+            self.upstream.set_read_timeout(max(timeout, 0.001))
+        item = self._read()
+        return TIMEOUT if isinstance(item, UpstreamTimeout) else item
 
     def close(self) -> None:
         """Stop reading and close the upstream (a half-read stream is aborted). The reader
         must be gone first: closing a buffered reader another greenlet is inside fails."""
         if self._greenlet is not None:
             self._greenlet.kill(block=True, timeout=1.0)
+            self._greenlet = None
         self.upstream.close()
 
 

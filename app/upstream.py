@@ -104,6 +104,13 @@ class Upstream:
         except (requests.RequestException, Urllib3HTTPError, OSError) as exc:
             raise _translate(exc) from exc
 
+    def set_read_timeout(self, seconds: float) -> None:
+        """The longest wait for the next bytes of this response from now on."""
+        connection = getattr(self.response.raw, "_connection", None)
+        sock = getattr(connection, "sock", None)
+        if sock is not None:
+            sock.settimeout(seconds)
+
     def interrupt(self) -> None:
         """Wake whoever is reading this response with an error, from another greenlet: shut
         the socket down (closing the reader under it is not safe); the reader's own close
