@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -72,3 +73,39 @@ def test_two_workers_one_truth(start_proxy: Callable[..., Proxy], llama_chat: Ll
     assert reexported in found, "llama.cpp's own metrics not re-exported"
     assert found[("llamacpp:requests_deferred", frozenset({"endpoint": "chat"}.items()))] == 0
     assert found[("olla_endpoint_up", frozenset({"endpoint": "chat"}.items()))] == 1
+
+
+def test_one_log_line_per_request_text_and_json(start_proxy: Callable[..., Proxy],
+                                                llama_chat: LlamaServer) -> None:
+    for log_format in ("text", "json"):
+        proxy = start_proxy({"logging": {"format": log_format},
+                             "endpoints": [{"url": llama_chat.url, "name": "chat"}]})
+        for i, stream in enumerate((False, True)):
+            with requests.post(f"{proxy.url}/olla/llamacpp/completion", timeout=60,
+                               headers={"X-Request-Id": f"{log_format}-{i}"},
+                               json={"model": CHAT_ALIAS, "prompt": "Hi", "n_predict": 3,
+                                     "stream": stream}) as response:
+                assert response.status_code == 200
+                response.content  # noqa: B018 - read to the end: the stream's line follows
+        requests.post(f"{proxy.url}/olla/llamacpp/completion", json={"temperature": 5},
+                      headers={"X-Request-Id": f"{log_format}-bad"}, timeout=10)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and f"{log_format}-bad" not in proxy.log():
+            time.sleep(0.05)
+        lines = [line for line in proxy.log().splitlines() if f"{log_format}-" in line]
+        assert len(lines) == 3, lines
+        if log_format == "json":
+            records = [json.loads(line) for line in lines]
+            ok = [r for r in records if r["status"] == 200]
+            assert {r["request_id"] for r in ok} == {"json-0", "json-1"}
+            assert all(r["endpoint"] == "chat" and r["model"] == CHAT_ALIAS
+                       and r["route"] == "completion" and r["completion_tokens"] == 3
+                       and r["ttfb_ms"] <= r["total_ms"] for r in ok)
+            assert [r["status"] for r in records if r["request_id"] == "json-bad"] == [400]
+        else:
+            for i in (0, 1):
+                line = next(x for x in lines if f"request_id=text-{i} " in x)
+                for part in ("endpoint=chat", f"model={CHAT_ALIAS}", "route=completion",
+                             "status=200", "completion_tokens=3", "ttfb_ms=", "total_ms="):
+                    assert part in line, (part, line)
+            assert "status=400" in next(x for x in lines if "text-bad" in x)
