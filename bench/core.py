@@ -589,14 +589,12 @@ def _interrupt(signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark; print the tables and the path of the JSON results."""
-    args = parse_args(argv)
-    if shutil.which("wrk") is None:
-        print("bench.core needs wrk, the HTTP load generator, and it is not on PATH.\n"
-              "Install it (Debian/Ubuntu: `sudo apt-get install -y wrk`; macOS: "
-              "`brew install wrk`) and run again.", file=sys.stderr)
-        return 2
+def run_reported(prefix: str, run: Callable[[Callable[[str], None]], dict[str, Any]],
+                 markdown: Callable[[dict[str, Any]], str],
+                 to_json: Callable[[Any], Any] = lambda value: value,
+                 ) -> tuple[int, dict[str, Any] | None]:
+    """Run a benchmark with clean-up on Ctrl-C or kill, then print its Markdown and write its
+    JSON to ``bench/results/<prefix>-<UTC time>.json``. Returns (exit status, results)."""
     signal.signal(signal.SIGTERM, _interrupt)  # a plain kill cleans up like Ctrl-C
     # Even when started with SIGINT ignored (a background job of a script), Ctrl-C or
     # kill -INT stops the run and its servers.
@@ -606,20 +604,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
     try:
-        results = run(args, log)
+        results = run(log)
     except KeyboardInterrupt:
-        log("interrupted: server and proxy stopped")
-        return 130
+        log("interrupted: every server stopped")
+        return 130, None
     except RuntimeError as exc:
         log(f"failed: {exc}")
-        return 1
+        return 1, None
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    path = RESULTS_DIR / f"core-{stamp}.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    path = RESULTS_DIR / f"{prefix}-{stamp}.json"
+    path.write_text(json.dumps(to_json(results), indent=2) + "\n")
     print(markdown(results))
     print(f"\nJSON: {path.relative_to(ROOT)}")
-    return 0
+    return 0, results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; print the tables and the path of the JSON results."""
+    args = parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("bench.core needs wrk, the HTTP load generator, and it is not on PATH.\n"
+              "Install it (Debian/Ubuntu: `sudo apt-get install -y wrk`; macOS: "
+              "`brew install wrk`) and run again.", file=sys.stderr)
+        return 2
+    return run_reported("core", lambda log: run(args, log), markdown)[0]
 
 
 if __name__ == "__main__":

@@ -43,9 +43,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import requests
@@ -56,6 +54,7 @@ from bench.core import (
     meta,
     percentile,
     process_tree,
+    run_reported,
     run_wrk,
     write_wrk_script,
 )
@@ -876,10 +875,6 @@ def run(args: argparse.Namespace, log: Log) -> dict[str, Any]:
     return results
 
 
-def _interrupt(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and value != value:
         return None
@@ -898,29 +893,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"python -m bench needs {', '.join(missing)} (Debian/Ubuntu: "
               "`sudo apt-get install -y wrk`).", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _interrupt)  # a plain kill cleans up like Ctrl-C
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def log(message: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-    try:
-        results = run(args, log)
-    except KeyboardInterrupt:
-        log("interrupted: every server stopped")
-        return 130
-    except RuntimeError as exc:
-        log(f"failed: {exc}")
-        return 1
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    path = RESULTS_DIR / f"bench-{stamp}.json"
-    path.write_text(json.dumps(_json_safe(results), indent=2) + "\n")
-    print(markdown(results))
-    print(f"\nJSON: {path.relative_to(ROOT)}")
-    if args.strict and not all(t["pass"] for t in results["targets"]):
+    status, results = run_reported("bench", lambda log: run(args, log), markdown,
+                                   to_json=_json_safe)
+    if results is not None and args.strict and not all(t["pass"] for t in results["targets"]):
         return 3
-    return 0
+    return status
 
 
 if __name__ == "__main__":

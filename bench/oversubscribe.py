@@ -19,7 +19,6 @@ Markdown table and writes the figures as JSON to ``bench/results/oversubscribe-<
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import signal
@@ -33,12 +32,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import requests
 
-from bench.core import percentile
+from bench.core import percentile, run_reported
 from tests.integration.procs import ROOT, LlamaServer, Proxy
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -305,33 +303,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def log(message: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-    try:
-        results = run(args, log)
-    except KeyboardInterrupt:
-        log("interrupted: server and proxy stopped")
-        return 130
-    except RuntimeError as exc:
-        log(f"failed: {exc}")
-        return 1
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    path = RESULTS_DIR / f"oversubscribe-{stamp}.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    print(markdown(results))
-    print(f"\nJSON: {path.relative_to(ROOT)}")
-    return 0
+    return run_reported("oversubscribe", lambda log: run(args, log), markdown)[0]
 
 
 if __name__ == "__main__":
