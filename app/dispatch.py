@@ -104,10 +104,6 @@ class Dispatcher:
                 self._drop_if_empty(waiter.key)
             return waiter.chosen
 
-    def abandon(self, state: EndpointState) -> None:
-        """Give back a slot that ``acquire`` handed out but nobody used."""
-        self.release(state)
-
     def release(self, state: EndpointState) -> None:
         """A request on ``state`` is over: free its slot and dispatch whoever can use it."""
         with self._lock:

@@ -178,9 +178,3 @@ def reexported(states: Iterable[EndpointState]) -> Iterator[Metric]:
                                   sample.value, sample.timestamp, sample.exemplar)
     yield from families.values()
 
-
-def labels_of(exchange: Any) -> tuple[str, str]:
-    """(endpoint, model) labels for a request, "" when it never reached an endpoint."""
-    if exchange is None:
-        return "", ""
-    return exchange.state.endpoint.name, exchange.model
