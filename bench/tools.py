@@ -4,9 +4,7 @@ and samplers for CPU and memory."""
 
 from __future__ import annotations
 
-import grp
 import os
-import pwd
 import select
 import shutil
 import signal
@@ -26,13 +24,17 @@ from bench.core import (
     machine_busy_seconds,
     process_tree,
 )
-from tests.integration.procs import ROOT, free_port, stop_process, wait_http
+from tests.integration.procs import (
+    free_port,
+    nginx_binary,
+    nginx_main_config,
+    nginx_site_config,
+    stop_process,
+    wait_http,
+)
 
 BENCH_DIR = Path(__file__).resolve().parent
 BUILD_DIR = BENCH_DIR / "build"
-SITE_CONF = ROOT / "deploy" / "nginx.conf"
-DEFAULT_UPSTREAM = "server 127.0.0.1:40114;"
-DEFAULT_LISTEN = "listen 80;"
 NGINX_WORKER_CONNECTIONS = 8192  # 1000 streams need 2000 connections (client + upstream)
 READY_TIMEOUT = 10.0
 
@@ -108,51 +110,12 @@ class FakeUpstream:
 # nginx.
 
 
-def nginx_binary() -> str:
+def nginx_executable() -> str:
     """The nginx executable."""
-    found = shutil.which("nginx") or (
-        "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+    found = nginx_binary()
     if found is None:
         raise BenchError("nginx is not installed (apt-get install nginx-light)")
     return found
-
-
-def site_config(upstream_port: int, listen_port: int) -> str:
-    """deploy/nginx.conf pointed at ``upstream_port`` and listening on a loopback port."""
-    text = SITE_CONF.read_text()
-    for needle in (DEFAULT_UPSTREAM, DEFAULT_LISTEN):
-        if text.count(needle) != 1:
-            raise BenchError(f"{SITE_CONF}: expected exactly one `{needle}`")
-    text = text.replace(DEFAULT_UPSTREAM, f"server 127.0.0.1:{upstream_port};")
-    return text.replace(DEFAULT_LISTEN, f"listen 127.0.0.1:{listen_port};")
-
-
-def main_config(prefix: Path) -> str:
-    """A main nginx.conf (one worker, like the proxy's one gunicorn worker) that keeps every
-    file nginx writes under ``prefix`` and includes the site."""
-    user = ""
-    if os.geteuid() == 0:
-        user = (f"user {pwd.getpwuid(os.geteuid()).pw_name} "
-                f"{grp.getgrgid(os.getegid()).gr_name};\n")
-    return (
-        f"{user}"
-        "daemon off;\n"
-        "master_process on;\n"
-        "worker_processes 1;\n"
-        f"worker_rlimit_nofile {NGINX_WORKER_CONNECTIONS * 2};\n"
-        f"pid {prefix / 'nginx.pid'};\n"
-        f"error_log {prefix / 'error.log'} warn;\n"
-        f"events {{ worker_connections {NGINX_WORKER_CONNECTIONS}; }}\n"
-        "http {\n"
-        "    access_log off;\n"
-        f"    client_body_temp_path {prefix / 'client_body'};\n"
-        f"    proxy_temp_path {prefix / 'proxy'};\n"
-        f"    fastcgi_temp_path {prefix / 'fastcgi'};\n"
-        f"    uwsgi_temp_path {prefix / 'uwsgi'};\n"
-        f"    scgi_temp_path {prefix / 'scgi'};\n"
-        f"    include {prefix / 'site.conf'};\n"
-        "}\n"
-    )
 
 
 @dataclass
@@ -171,11 +134,16 @@ class Nginx:
 
     def start(self) -> Nginx:
         """Write the configs to a temp dir, check them with ``nginx -t``, start, wait."""
-        binary = nginx_binary()
+        binary = nginx_executable()
         self.prefix = Path(tempfile.mkdtemp(prefix="olla-bench-nginx-"))
         self.prefix.chmod(0o755)  # nginx's workers may run as another user
-        (self.prefix / "site.conf").write_text(site_config(self.upstream_port, self.port))
-        (self.prefix / "nginx.conf").write_text(main_config(self.prefix))
+        try:
+            site = nginx_site_config(self.upstream_port, self.port)
+        except ValueError as exc:
+            raise BenchError(str(exc)) from exc
+        (self.prefix / "site.conf").write_text(site)
+        (self.prefix / "nginx.conf").write_text(
+            nginx_main_config(self.prefix, NGINX_WORKER_CONNECTIONS, "warn"))
         command = [binary, "-p", str(self.prefix), "-c", str(self.prefix / "nginx.conf"),
                    "-e", str(self.prefix / "error.log")]
         check = subprocess.run([*command, "-t"], capture_output=True, timeout=30, check=False)

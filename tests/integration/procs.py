@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +22,9 @@ import requests
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+NGINX_SITE = ROOT / "deploy" / "nginx.conf"
+NGINX_UPSTREAM = "server 127.0.0.1:40114;"   # in deploy/nginx.conf, replaced for a run
+NGINX_LISTEN = "listen 80;"
 LAUNCHER = Path(__file__).with_name("llamacpp_server.py")
 
 
@@ -164,3 +170,42 @@ class Proxy:
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
+
+
+def nginx_binary() -> str | None:
+    """The nginx executable, if installed."""
+    return shutil.which("nginx") or (
+        "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+
+
+def nginx_site_config(upstream_port: int, listen_port: int) -> str:
+    """deploy/nginx.conf pointed at ``upstream_port`` and listening on a loopback port;
+    ValueError if the file no longer has exactly one of the lines replaced."""
+    text = NGINX_SITE.read_text()
+    for needle in (NGINX_UPSTREAM, NGINX_LISTEN):
+        if text.count(needle) != 1:
+            raise ValueError(f"{NGINX_SITE}: expected exactly one `{needle}`")
+    text = text.replace(NGINX_UPSTREAM, f"server 127.0.0.1:{upstream_port};")
+    return text.replace(NGINX_LISTEN, f"listen 127.0.0.1:{listen_port};")
+
+
+def nginx_main_config(prefix: Path, worker_connections: int | None = None,
+                      error_level: str = "info") -> str:
+    """A main nginx.conf with one worker that keeps every file nginx writes under
+    ``prefix`` and includes ``prefix/site.conf``."""
+    user = ""
+    if os.geteuid() == 0:
+        # Workers would run as "nobody", which cannot enter a 0700 temporary directory.
+        user = (f"user {pwd.getpwuid(os.geteuid()).pw_name} "
+                f"{grp.getgrgid(os.getegid()).gr_name};\n")
+    limits = ""
+    events = "events {}\n"
+    if worker_connections:
+        limits = f"worker_rlimit_nofile {worker_connections * 2};\n"
+        events = f"events {{ worker_connections {worker_connections}; }}\n"
+    temp = "".join(f"    {kind}_temp_path {prefix / kind};\n"
+                   for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    return (f"{user}daemon off;\nmaster_process on;\nworker_processes 1;\n{limits}"
+            f"pid {prefix / 'nginx.pid'};\nerror_log {prefix / 'error.log'} {error_level};\n"
+            f"{events}http {{\n    access_log off;\n{temp}"
+            f"    include {prefix / 'site.conf'};\n}}\n")

@@ -8,10 +8,7 @@ would not arrive while the upstream holds, and the test fails after a bounded wa
 from __future__ import annotations
 
 import contextlib
-import grp
 import os
-import pwd
-import shutil
 import signal
 import subprocess
 import time
@@ -23,59 +20,26 @@ import pytest
 import requests
 
 from .gated_upstream import GatedUpstream
-from .procs import ROOT, Proxy, free_port, wait_http
+from .procs import (
+    Proxy,
+    free_port,
+    nginx_binary,
+    nginx_main_config,
+    nginx_site_config,
+    wait_http,
+)
 
-SITE_CONF = ROOT / "deploy" / "nginx.conf"
-DEFAULT_UPSTREAM = "server 127.0.0.1:40114;"
-DEFAULT_LISTEN = "listen 80;"
 FIRST_EVENT_WAIT = 10.0  # seconds the first event may take through nginx and the proxy
 COMPLETION = "/olla/llamacpp/completion"
 
 
-def nginx_binary() -> str:
+def nginx() -> str:
     """The nginx executable; fail (do not skip) without one: CI installs nginx."""
-    found = shutil.which("nginx") or (
-        "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+    found = nginx_binary()
     if found is None:
         pytest.fail("nginx is not installed (not on PATH, no /usr/sbin/nginx): install nginx "
                     "to run this test (e.g. apt-get install nginx)", pytrace=False)
     return found
-
-
-def site_config(proxy_port: int, listen_port: int) -> str:
-    """deploy/nginx.conf pointed at the test proxy and listening on a loopback port."""
-    text = SITE_CONF.read_text()
-    assert text.count(DEFAULT_UPSTREAM) == 1, f"{SITE_CONF}: no single `{DEFAULT_UPSTREAM}`"
-    assert text.count(DEFAULT_LISTEN) == 1, f"{SITE_CONF}: no single `{DEFAULT_LISTEN}`"
-    text = text.replace(DEFAULT_UPSTREAM, f"server 127.0.0.1:{proxy_port};")
-    return text.replace(DEFAULT_LISTEN, f"listen 127.0.0.1:{listen_port};")
-
-
-def main_config(prefix: Path) -> str:
-    """A minimal main nginx.conf that keeps every file nginx writes under ``prefix``."""
-    user = ""
-    if os.geteuid() == 0:
-        # Workers would run as "nobody", which cannot enter pytest's 0700 temp directory.
-        user = (f"user {pwd.getpwuid(os.geteuid()).pw_name} "
-                f"{grp.getgrgid(os.getegid()).gr_name};\n")
-    return (
-        f"{user}"
-        "daemon off;\n"
-        "master_process on;\n"
-        "worker_processes 1;\n"
-        f"pid {prefix / 'nginx.pid'};\n"
-        f"error_log {prefix / 'error.log'} info;\n"
-        "events {}\n"
-        "http {\n"
-        "    access_log off;\n"
-        f"    client_body_temp_path {prefix / 'client_body'};\n"
-        f"    proxy_temp_path {prefix / 'proxy'};\n"
-        f"    fastcgi_temp_path {prefix / 'fastcgi'};\n"
-        f"    uwsgi_temp_path {prefix / 'uwsgi'};\n"
-        f"    scgi_temp_path {prefix / 'scgi'};\n"
-        f"    include {prefix / 'site.conf'};\n"
-        "}\n"
-    )
 
 
 def stop_nginx(process: subprocess.Popen[bytes]) -> None:
@@ -110,7 +74,7 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Gated upstream <- proxy under gunicorn <- nginx with deploy/nginx.conf."""
-    nginx = nginx_binary()
+    nginx_path = nginx()
     prefix = tmp_path_factory.mktemp("nginx")
     gated = GatedUpstream().start()
     proxy = Proxy({"endpoints": [{"url": gated.url, "name": "gated", "type": "llamacpp"}]})
@@ -118,9 +82,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     try:
         proxy.start()
         port = free_port()
-        (prefix / "site.conf").write_text(site_config(proxy.port, port))
-        (prefix / "nginx.conf").write_text(main_config(prefix))
-        command = [nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
+        (prefix / "site.conf").write_text(nginx_site_config(proxy.port, port))
+        (prefix / "nginx.conf").write_text(nginx_main_config(prefix))
+        command = [nginx_path, "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
                    "-e", str(prefix / "error.log")]
         check = subprocess.run([*command, "-t"], capture_output=True, timeout=30, check=False)
         assert check.returncode == 0, (
