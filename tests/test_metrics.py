@@ -126,3 +126,12 @@ def test_one_log_line_per_request(client: FlaskClient, caplog: pytest.LogCapture
     assert missing.status == 404 and missing.endpoint == ""  # type: ignore[attr-defined]
     line = json.loads(JsonFormatter().format(ok))
     assert line["request_id"] == "req-1" and line["prompt_tokens"] == 5
+
+
+def test_unknown_paths_share_one_route_label(client: FlaskClient) -> None:
+    for i in range(5):
+        assert client.get(f"/olla/llamacpp/scan-{i}").status_code == 404
+    found = samples(client)
+    assert value(found, "olla_requests_total", endpoint="", model="", route="(other)",
+                 status="404") == 5
+    assert not any("scan-" in dict(labels).get("route", "") for _, labels in found)

@@ -92,7 +92,9 @@ def _account(status: int) -> None:
     exchange: Exchange | None = g.get("exchange")
     endpoint, model = (exchange.state.endpoint.name, exchange.model) if exchange else ("", "")
     route = request.view_args.get("subpath", "") if request.view_args else ""
-    svc.metrics.answered(endpoint, model, route, status)
+    # Any path can be asked for: only known routes become metric labels, or a scan of
+    # random paths would create a series each.
+    svc.metrics.answered(endpoint, model, route if route in ROUTES else "(other)", status)
     if exchange is None:
         svc.request_log.line(g.get("request_id", ""), "", "", route, status,
                              None, (time.perf_counter() - g.started) * 1000, None)
