@@ -468,17 +468,19 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def first_line(*argv: str) -> str:
+    """The first line a command prints ("" when it cannot run)."""
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=10,
+                                check=False, cwd=ROOT)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    lines = (result.stdout or result.stderr).strip().splitlines()
+    return lines[0] if lines else ""
+
+
 def meta(args: argparse.Namespace) -> dict[str, Any]:
     """Where and on what the figures were taken."""
-    def first_line(*argv: str) -> str:
-        try:
-            result = subprocess.run(argv, capture_output=True, text=True, timeout=10,
-                                    check=False, cwd=ROOT)
-        except (OSError, subprocess.TimeoutExpired):
-            return ""
-        lines = (result.stdout or result.stderr).strip().splitlines()
-        return lines[0] if lines else ""
-
     return {
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "commit": first_line("git", "rev-parse", "HEAD"),

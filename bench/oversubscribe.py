@@ -22,7 +22,6 @@ import argparse
 import os
 import platform
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -36,8 +35,8 @@ from typing import Any
 
 import requests
 
-from bench.core import percentile, run_reported
-from tests.integration.procs import ROOT, LlamaServer, Proxy
+from bench.core import first_line, percentile, run_reported
+from tests.integration.procs import LlamaServer, Proxy
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ALIAS = "gemma-oversubscribe"
@@ -93,14 +92,7 @@ def client_loop(url: str, client: int, count: int, n_predict: int,
 
 
 def llama_metrics(server: LlamaServer) -> dict[str, float]:
-    response = requests.get(server.url + "/metrics", timeout=5)
-    response.raise_for_status()
-    out: dict[str, float] = {}
-    for line in response.text.splitlines():
-        if line.startswith("llamacpp:"):
-            name, value = line.split()
-            out[name.removeprefix("llamacpp:")] = float(value)
-    return out
+    return server.metrics()
 
 
 class MetricsSampler:
@@ -198,15 +190,6 @@ def wait_ready(server: LlamaServer, proxy: Proxy, args: argparse.Namespace) -> N
 
 
 def meta(args: argparse.Namespace) -> dict[str, Any]:
-    def first_line(*argv: str) -> str:
-        try:
-            result = subprocess.run(argv, capture_output=True, text=True, timeout=10,
-                                    check=False, cwd=ROOT)
-        except (OSError, subprocess.TimeoutExpired):
-            return ""
-        lines = (result.stdout or result.stderr).strip().splitlines()
-        return lines[0] if lines else ""
-
     return {
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "commit": first_line("git", "rev-parse", "HEAD"),

@@ -105,6 +105,18 @@ class LlamaServer:
         response.raise_for_status()
         return response.json()  # type: ignore[no-any-return]
 
+    def metrics(self) -> dict[str, float]:
+        """llama.cpp's own Prometheus figures (``--metrics``), without the ``llamacpp:``
+        prefix."""
+        response = requests.get(self.url + "/metrics", timeout=5)
+        response.raise_for_status()
+        out: dict[str, float] = {}
+        for line in response.text.splitlines():
+            if line.startswith("llamacpp:"):
+                name, value = line.split()
+                out[name.removeprefix("llamacpp:")] = float(value)
+        return out
+
     def busy_slots(self, api_key: str | None = None) -> int:
         return sum(1 for s in self.slots(api_key) if s.get("is_processing"))
 

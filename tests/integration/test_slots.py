@@ -119,14 +119,7 @@ def queue_depth(proxy: Proxy) -> int:
 
 def metrics(server: LlamaServer) -> dict[str, float]:
     """llama.cpp's Prometheus figures, without the ``llamacpp:`` prefix."""
-    response = requests.get(server.url + "/metrics", timeout=5)
-    response.raise_for_status()
-    out: dict[str, float] = {}
-    for line in response.text.splitlines():
-        if line.startswith("llamacpp:"):
-            name, value = line.split()
-            out[name.removeprefix("llamacpp:")] = float(value)
-    return out
+    return server.metrics()
 
 
 def wait_idle(proxy: Proxy, server: LlamaServer, n: int, timeout: float = 15) -> None:
