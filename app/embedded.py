@@ -105,6 +105,7 @@ def serve(host: str, port: int, n_parallel: int, n_ctx: int, threads: int,
     params.endpoint_metrics = True
     if threads:
         params.cpuparams.n_threads = threads
+    parent = os.getppid()
     server = xllamacpp.Server(params)  # returns once the model is loaded and it listens
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
@@ -113,7 +114,8 @@ def serve(host: str, port: int, n_parallel: int, n_ctx: int, threads: int,
     if ready_fd is not None:
         os.write(ready_fd, b"READY\n")
         os.close(ready_fd)
-    while not stopping:
+    # Also stop when orphaned: a gunicorn master killed outright never runs its on_exit.
+    while not stopping and os.getppid() == parent:
         time.sleep(0.2)
 
 

@@ -156,6 +156,9 @@ def parse_models(document: Any, props: dict[str, Any] | None) -> list[dict[str, 
         aliases = entry.get("aliases")
         if isinstance(aliases, list):
             names.update(str(a) for a in aliases if a)
+            # Listed as clients name them: a path alias (llama.cpp lists the model path
+            # when there is no --alias) is shown by its file's base name.
+            model["aliases"] = list(dict.fromkeys(base_name(str(a)) for a in aliases if a))
         if isinstance(model_path, str) and model_path and len(entries) == 1:
             names.add(base_name(model_path))
         model["_keys"] = frozenset(name_key(n) for n in names)

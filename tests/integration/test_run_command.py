@@ -3,8 +3,10 @@ curl and OpenAI SDK examples at once."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,7 +36,9 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         wait_http(url + "/olla/llamacpp/v1/models", process, timeout=120)
         yield url
     finally:
-        stop_process(process, timeout=20)
+        # SIGINT: gunicorn's quick shutdown (SIGTERM would wait for idle keep-alive
+        # connections); on_exit then stops the embedded llama.cpp.
+        stop_process(process, timeout=20, sig=signal.SIGINT)
         log.close()
         text = Path(log.name).read_text()
         assert "Traceback" not in text, text
@@ -87,3 +91,26 @@ def test_spec_openai_sdk_example(demo: str) -> None:
         assert len(embeddings.data[0].embedding) > 100
     finally:
         client.close()
+
+
+def test_embedded_backend_does_not_outlive_its_master(tmp_path: Path) -> None:
+    """Even a master killed outright (no on_exit) leaves no llama.cpp behind."""
+    config = tmp_path / "config.yaml"
+    config.write_text("endpoints: []\nembedded:\n  n_parallel: 1\n  n_ctx: 1024\n")
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app", "--config", str(config), "--bind", f"127.0.0.1:{port}"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/olla/llamacpp/v1/models", process, timeout=120)
+        children = [line.split()[0] for line in subprocess.run(
+            ["ps", "-o", "pid=,args=", "--ppid", str(process.pid)], capture_output=True,
+            text=True, check=False).stdout.splitlines() if "app.embedded" in line]
+        assert len(children) == 1
+    finally:
+        process.kill()
+        process.wait()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and Path(f"/proc/{children[0]}").exists():
+        time.sleep(0.1)
+    assert not Path(f"/proc/{children[0]}").exists(), "embedded llama.cpp outlived the master"
