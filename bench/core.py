@@ -554,14 +554,20 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
         log("proxy log (tail):\n" + "\n".join(proxy.log().splitlines()[-25:]))
         raise
     finally:
-        # A second Ctrl-C must not cut the clean-up short and leave servers behind.
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            proxy.stop()
-            server.stop()
-        finally:
-            signal.signal(signal.SIGINT, previous)
+        stop_all(proxy, server)
     return results
+
+
+def stop_all(*processes: Any) -> None:
+    """Stop each (``None`` skipped) with Ctrl-C ignored meanwhile: a second Ctrl-C must not
+    cut the clean-up short and leave servers behind."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        for process in processes:
+            if process is not None:
+                process.stop()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

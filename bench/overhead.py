@@ -56,6 +56,7 @@ from bench.core import (
     process_tree,
     run_reported,
     run_wrk,
+    stop_all,
     write_wrk_script,
 )
 from bench.tools import BUILD_DIR, CpuMeter, FakeUpstream, Nginx, RssSampler, build_native
@@ -351,16 +352,7 @@ def running_stack(shape: StreamShape, log: Log) -> Iterator[Stack]:
             log("nginx error log (tail):\n" + nginx.log())
         raise
     finally:
-        # A second Ctrl-C must not cut the clean-up short and leave servers behind.
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            if proxy is not None:
-                proxy.stop()
-            if nginx is not None:
-                nginx.stop()
-            fake.stop()
-        finally:
-            signal.signal(signal.SIGINT, previous)
+        stop_all(proxy, nginx, fake)
 
 
 def check_answers(stack: Stack, body_file: Path, shape: StreamShape, log: Log) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import signal
 import sys
 import threading
 import time
@@ -35,7 +34,7 @@ from typing import Any
 
 import requests
 
-from bench.core import first_line, percentile, run_reported
+from bench.core import first_line, percentile, run_reported, stop_all
 from tests.integration.procs import LlamaServer, Proxy
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -232,12 +231,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
         log("proxy log (tail):\n" + "\n".join(proxy.log().splitlines()[-25:]))
         raise
     finally:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            proxy.stop()
-            server.stop()
-        finally:
-            signal.signal(signal.SIGINT, previous)
+        stop_all(proxy, server)
     return results
 
 
