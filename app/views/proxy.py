@@ -213,64 +213,64 @@ def _attempts(svc: Services, subpath: str, route: Route, body: bytes,
         g.exchange = exchange
         svc.metrics.child(svc.metrics.queue_wait, exchange.model).observe(queue_wait)
         limits = endpoint.limits
-        exchange.sending()
+        source: Source | None = None
         try:
-            upstream = svc.pool.open(endpoint, "POST", path, body=out_body,
-                                     headers=request_headers(inbound, endpoint),
-                                     timeout=_socket_timeouts(limits, streamed))
-        except UpstreamConnectError as exc:
-            exchange.finish(ok=False, counted=False)
-            mark_failed(state, Status.OFFLINE, exc.message)
-            failures.append(f"{endpoint.name}: {exc.message}")
-            continue
-        except BaseException as exc:
-            exchange.finish(ok=isinstance(exc, ClientDisconnected))
-            raise
-        exchange.answered(upstream.status)
-        if watch is not None:
-            watch.on_gone(upstream.interrupt)
-        if upstream.is_stream:
-            source = Source(upstream)
-            clock = Clock(limits, svc.settings.proxy.sse_keepalive, g.started)
+            exchange.sending()
             try:
+                upstream = svc.pool.open(endpoint, "POST", path, body=out_body,
+                                         headers=request_headers(inbound, endpoint),
+                                         timeout=_socket_timeouts(limits, streamed))
+            except UpstreamConnectError as exc:
+                _pass_over(exchange, failures, exc.message, Status.OFFLINE)
+                continue
+            exchange.answered(upstream.status)
+            if watch is not None:
+                watch.on_gone(upstream.interrupt)
+            if upstream.is_stream:
+                source = Source(upstream)
+                clock = Clock(limits, svc.settings.proxy.sse_keepalive, g.started)
                 first = first_item(source, clock)
                 if isinstance(first, bytes):
                     exchange.first_byte()
-            except BaseException as exc:
-                source.close()
-                exchange.finish(ok=isinstance(exc, ClientDisconnected))
-                raise
-            if isinstance(first, UpstreamError) and not last and not (watch and watch.gone):
-                # Broke before its first byte: nothing reached the client.
-                source.close()
-                exchange.finish(ok=False, counted=False)
-                mark_failed(state, Status.OFFLINE, first.message)
-                failures.append(f"{endpoint.name}: {first.message}")
-                continue
-            return _stream_response(upstream, source, clock, first, route, exchange, model,
-                                    watch)
-        try:
+                if isinstance(first, UpstreamError) and not last and not (watch and watch.gone):
+                    # Broke before its first byte: nothing reached the client.
+                    source.close()
+                    _pass_over(exchange, failures, first.message, Status.OFFLINE)
+                    continue
+                return _stream_response(upstream, source, clock, first, route, exchange,
+                                        model, watch)
             content = upstream.read()
         except BaseException as exc:
+            # A failure past the point of moving on (or the client left): this attempt is over.
+            if source is not None:
+                source.close()
             exchange.finish(ok=isinstance(exc, ClientDisconnected))
             raise
         if not last and upstream.status == 503 and b"Loading model" in content:
-            exchange.finish(ok=True, counted=False)
-            mark_failed(state, Status.LOADING, "llama.cpp is loading its model")
-            failures.append(f"{endpoint.name}: loading its model")
+            _pass_over(exchange, failures, "llama.cpp is loading its model", Status.LOADING,
+                       ok=True)
             continue
         if not last and upstream.status == 501:
             # This server lacks the feature (embeddings off, no FIM tokens) and nothing was
             # generated: another candidate (same model, or any when none is named) may have it.
-            exchange.finish(ok=True, counted=False)
             state.unsupported.add(subpath)
-            failures.append(f"{endpoint.name}: does not support /{subpath}")
+            _pass_over(exchange, failures, f"does not support /{subpath}", None, ok=True)
             continue
         if watch is not None:
             watch.stop()
         return _response(upstream, content, exchange, model)
     raise NoEndpointAvailable("No llama.cpp endpoint could take the request"
                               + (f" ({'; '.join(failures)})" if failures else ""))
+
+
+def _pass_over(exchange: Exchange, failures: list[str], why: str, mark: Status | None,
+               ok: bool = False) -> None:
+    """An attempt the request moves on from: not counted as the client's request, the
+    endpoint marked (down or loading) where that applies, the reason kept for the 503."""
+    exchange.finish(ok=ok, counted=False)
+    if mark is not None:
+        mark_failed(exchange.state, mark, why)
+    failures.append(f"{exchange.state.endpoint.name}: {why}")
 
 
 def _inbound_headers() -> dict[str, str]:
