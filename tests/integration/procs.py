@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import grp
 import os
 import pwd
@@ -65,6 +66,14 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 10.0,
             process.wait()
 
 
+@functools.cache
+def model_path() -> str:
+    """The Gemma GGUF, assembled once for every server the tests start."""
+    from app.embedded import model_file
+
+    return str(model_file())
+
+
 @dataclass
 class LlamaServer:
     """A real llama-server on the Gemma model, in its own process."""
@@ -80,7 +89,8 @@ class LlamaServer:
     def start(self) -> LlamaServer:
         """Start (or restart) on the same port and wait for /health."""
         self.process = subprocess.Popen(
-            [sys.executable, str(LAUNCHER), "--port", str(self.port), *self.args],
+            [sys.executable, str(LAUNCHER), "--port", str(self.port), "--model", model_path(),
+             *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return self
 
