@@ -9,7 +9,7 @@ import os
 
 from app import embedded
 from app import metrics_dir as metrics
-from app.config import ConfigError, load_settings
+from app.config import WORKER_COUNT_ENV, ConfigError, load_settings
 
 try:
     _settings = load_settings()
@@ -37,6 +37,12 @@ def on_starting(server):  # type: ignore[no-untyped-def]
     """Give the workers a fresh metrics directory; start the embedded llama.cpp when no
     endpoint is configured."""
     metrics.prepare_directory(os.environ)
+    if server.cfg.workers > 1 and not _settings.state.redis_url:
+        server.log.info(
+            "%d workers without shared state: each takes floor(total_slots / %d) of every "
+            "endpoint's slots and keeps its own queue; set state.redis_url (or "
+            "OLLA_REDIS_URL) to share one slot table and queue", server.cfg.workers,
+            server.cfg.workers)
     if _settings.endpoints or not _settings.embedded.enabled or os.environ.get(embedded.ENV_URL):
         return
     server.log.info("no endpoints configured: starting the embedded llama.cpp (Gemma 3 270M)")
@@ -44,6 +50,11 @@ def on_starting(server):  # type: ignore[no-untyped-def]
     os.environ[embedded.ENV_URL] = url
     server.olla_embedded = process
     server.log.info("embedded llama.cpp ready at %s", url)
+
+
+def post_fork(server, worker):  # type: ignore[no-untyped-def]
+    """Tell the app how many workers share this proxy's slots."""
+    os.environ[WORKER_COUNT_ENV] = str(server.cfg.workers)
 
 
 def child_exit(server, worker):  # type: ignore[no-untyped-def]

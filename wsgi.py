@@ -5,8 +5,10 @@ library, so the health-check greenlet started here belongs to this worker.
 """
 
 from app import create_app, logs
+from app.config import load_settings
 from app.services import services_of
 
-app = create_app()
-logs.configure(services_of(app).settings)
+settings = load_settings()
+logs.configure(settings)  # first: building the app may log (e.g. Redis unreachable)
+app = create_app(settings)
 services_of(app).start_background()

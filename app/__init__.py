@@ -24,6 +24,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from .config import load_settings
     from .embedded import with_embedded_endpoint
     from .errors import register_error_handlers
+    from .guard import Guard
     from .services import Services
     from .views.proxy import bp as proxy_bp
     from .views.status import bp as status_bp
@@ -35,4 +36,5 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(proxy_bp)
     app.register_blueprint(status_bp)
     register_error_handlers(app)
+    app.wsgi_app = Guard(app.wsgi_app)  # type: ignore[method-assign]
     return app

@@ -35,3 +35,16 @@ def each(function: Callable[[T], Any], items: Sequence[T]) -> None:
         return
     with ThreadPoolExecutor(max_workers=min(MAX_AT_ONCE, len(items))) as executor:
         list(executor.map(function, items))
+
+
+def spawn(function: Callable[[], Any]) -> Any:
+    """Run ``function`` in the background: a greenlet under gevent, else a daemon thread."""
+    if gevent_active():
+        import gevent
+
+        return gevent.spawn(function)
+    import threading
+
+    thread = threading.Thread(target=function, daemon=True)
+    thread.start()
+    return thread

@@ -21,6 +21,7 @@ from marshmallow import RAISE, Schema, ValidationError, fields, validate, valida
 DEFAULT_CONFIG_PATH = Path("config/config.yaml")
 MIB = 1024 * 1024
 KNOWN_PREFIXES = ("llamacpp", "llama-cpp", "llama_cpp")
+WORKER_COUNT_ENV = "OLLA_WORKER_COUNT"  # set in each gunicorn worker by gunicorn.conf.py
 
 
 class ConfigError(Exception):
@@ -98,6 +99,22 @@ class ProxySettings(Timeouts):
     load_balancer: str = "least-busy"
     sse_keepalive: float = 15.0          # SSE comment while a stream waits; 0 = never
     queue: QueueSettings = field(default_factory=QueueSettings)
+    # A write to the client blocked this long (a client that stopped reading) ends the
+    # request: connection, upstream and slot.
+    write_timeout: float = 60.0
+    # Non-streamed generation requests go upstream as streams, assembled here, so that a
+    # client that leaves frees its llama.cpp slot at once.
+    assemble_non_streamed: bool = True
+
+
+@dataclass(frozen=True)
+class StateSettings:
+    """Where slots and the queue live: this worker alone, or Redis shared by every worker
+    of every proxy host."""
+
+    redis_url: str | None = None         # redis://, rediss://, unix://; $OLLA_REDIS_URL
+    key_prefix: str = "olla"             # fleets sharing one Redis keep apart by prefix
+    lease_ttl: float = 8.0               # a lease not renewed this long is reclaimed
 
 
 @dataclass(frozen=True)
@@ -124,6 +141,7 @@ class Settings:
     # Re-read every endpoint's /v1/models and /props this often (and on recovery).
     discovery_interval: float = 30.0
     embedded: EmbeddedSettings = field(default_factory=EmbeddedSettings)
+    state: StateSettings = field(default_factory=StateSettings)
     log_level: str = "info"
     log_format: str = "text"
 
@@ -195,6 +213,8 @@ class ProxySchema(Strict):
     read_timeout = Duration(validate=POSITIVE)
     response_timeout = Duration()
     sse_keepalive = Duration()
+    write_timeout = Duration(validate=POSITIVE)
+    assemble_non_streamed = fields.Boolean()
     load_balancer = fields.String(
         validate=validate.OneOf(["least-busy", "least-connections", "priority", "round-robin"])
     )
@@ -249,6 +269,14 @@ class EmbeddedSchema(Strict):
     threads = fields.Integer(strict=True, validate=validate.Range(min=0))
 
 
+class StateSchema(Strict):
+    redis_url = fields.String(allow_none=True, validate=validate.Regexp(
+        r"^(rediss?|unix)://", error="must be a redis://, rediss:// or unix:// URL"))
+    key_prefix = fields.String(validate=validate.Regexp(
+        r"^[A-Za-z0-9_.:-]{1,64}$", error="must be 1-64 letters, digits or _.:-"))
+    lease_ttl = Duration(validate=validate.Range(min=1, error="must be at least 1s"))
+
+
 class LoggingSchema(Strict):
     level = fields.String(validate=validate.OneOf(["debug", "info", "warning", "error"]))
     format = fields.String(validate=validate.OneOf(["text", "json"]))
@@ -266,6 +294,7 @@ class ConfigSchema(Strict):
         keys=fields.String(), values=fields.List(fields.String(), validate=validate.Length(min=1))
     )
     embedded = fields.Nested(EmbeddedSchema)
+    state = fields.Nested(StateSchema)
     logging = fields.Nested(LoggingSchema)
 
     @validates_schema
@@ -339,6 +368,23 @@ def _discovery_interval(discovery: Mapping[str, Any]) -> float:
     return float(options.get("interval", Settings.discovery_interval))
 
 
+REDIS_URL_ENV = "OLLA_REDIS_URL"
+
+
+def _state(raw: Mapping[str, Any], environ: Mapping[str, str]) -> StateSettings:
+    """``state``, with ``$OLLA_REDIS_URL`` (when set and not empty) in place of the file's
+    ``redis_url``; ``${VAR}`` in the URL is expanded (a password kept in the environment)."""
+    values = dict(raw)
+    url = environ.get(REDIS_URL_ENV) or values.get("redis_url")
+    if url:
+        url = expand_env(url, "state.redis_url", environ)
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"state.redis_url ({REDIS_URL_ENV}): must be a redis://, "
+                              "rediss:// or unix:// URL")
+    values["redis_url"] = url or None
+    return StateSettings(**values)
+
+
 def settings_from_mapping(raw: Mapping[str, Any] | None,
                           environ: Mapping[str, str] | None = None) -> Settings:
     """Validate a parsed YAML document and build Settings from it."""
@@ -382,6 +428,7 @@ def settings_from_mapping(raw: Mapping[str, Any] | None,
         model_aliases={k: tuple(v) for k, v in data.get("model_aliases", {}).items()},
         discovery_interval=_discovery_interval(data.get("discovery", {})),
         embedded=EmbeddedSettings(**data.get("embedded", {})),
+        state=_state(data.get("state", {}), environ),
         log_level=logging_raw.get("level", "info"),
         log_format=logging_raw.get("format", "text"),
     )

@@ -3,21 +3,29 @@
 llama-server has ``total_slots`` slots and hides everything beyond them in an unbounded,
 invisible queue. Here a request that finds every slot it could use busy waits in a
 bounded FIFO per model instead, and is dispatched the moment a slot frees on any of its
-candidates; a full queue or a long wait gets the spec's 503 ``slots_exhausted``.
+candidates; a full queue or a long wait gets the spec's 503 ``slots_exhausted``. Every slot
+handed out is a ``Lease`` (``app.leases``).
+
+This ``Dispatcher`` keeps slots and the queue in this worker. With several workers and no
+shared state each worker takes an equal share of every endpoint's slots; with Redis
+(``app.shared.SharedDispatcher``) the whole fleet shares one table and one queue, and this
+class is what it falls back to while Redis is unreachable.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .config import QueueSettings
 from .errors import SlotsExhausted
+from .leases import Held, Lease, LeaseBook, new_id
 from .registry import EndpointState, Status
 
 if TYPE_CHECKING:
@@ -27,15 +35,31 @@ log = logging.getLogger(__name__)
 SLOTS_EXHAUSTED = "All slots are busy. Please try again later."
 
 
+Wait = Callable[[threading.Event, float], bool]
+
+
 @dataclass(eq=False)
 class Waiter:
     """A request waiting for a slot."""
 
     key: str
     eligible: Sequence[EndpointState]
+    request_id: str = ""
     arrived: float = field(default_factory=time.monotonic)
     event: threading.Event = field(default_factory=lambda: threading.Event())
-    chosen: EndpointState | None = None
+    chosen: Lease | None = None
+
+
+@dataclass(frozen=True)
+class QueueView:
+    """Slots and the queue at one instant: this worker's, or the fleet's with Redis."""
+
+    depth: int
+    longest_wait: float                        # seconds
+    by_model: dict[str, int]
+    waiting_for: dict[str, int]                # endpoint name -> waiters that could use it
+    in_use: dict[str, int]                     # endpoint name -> leases held
+    shared: bool = False
 
 
 def _usable(state: EndpointState) -> bool:
@@ -43,41 +67,78 @@ def _usable(state: EndpointState) -> bool:
 
 
 class Dispatcher:
-    """Hands out slots; FIFO per model, oldest waiter first across models."""
+    """Hands out slots as leases; FIFO per model, oldest waiter first across models."""
 
-    def __init__(self, queue: QueueSettings, metrics: Metrics | None = None) -> None:
+    shared = False
+
+    def __init__(self, queue: QueueSettings, metrics: Metrics | None = None,
+                 workers: int = 1, lease_ttl: float = 8.0) -> None:
         self.settings = queue
         self.metrics = metrics
+        # Workers of this proxy that split each endpoint's slots between them (no shared
+        # state): each takes floor(total_slots / workers), at least 1.
+        self.workers = max(1, workers)
+        self.book = LeaseBook(lease_ttl)
         self.queues: dict[str, deque[Waiter]] = {}
         self._lock = threading.Lock()
 
-    def _take(self, eligible: Sequence[EndpointState]) -> EndpointState | None:
-        """The first endpoint in ``eligible`` (the router's balanced order) with a free slot,
-        its slot taken."""
+    # ------------------------------------------------------------------------ capacity
+
+    def capacity(self, state: EndpointState) -> float:
+        """Slots this worker may fill on an endpoint (infinite when unknown). One worker:
+        ``total_slots`` less those seen busy for others in /slots; several: its share."""
+        total = state.total_slots
+        if total is None:
+            return math.inf
+        if self.workers > 1:
+            return max(1, total // self.workers)
+        return total - state.others_busy
+
+    def in_use(self, state: EndpointState) -> int:
+        """Slots leased on an endpoint, as far as this dispatcher knows (this worker's)."""
+        return state.in_flight
+
+    def _take(self, eligible: Sequence[EndpointState], request_id: str) -> Lease | None:
+        """A lease on the first endpoint in ``eligible`` (the router's balanced order) with
+        a free slot."""
         for state in eligible:
-            if _usable(state) and state.has_free_slot:
-                state.in_flight += 1
-                if self.metrics is not None:
-                    self.metrics.child(self.metrics.in_flight, state.endpoint.name).inc()
-                return state
+            if _usable(state) and state.in_flight < self.capacity(state):
+                return self._adopt(Lease(new_id(), request_id, state))
         return None
 
-    def acquire(self, key: str, eligible: Sequence[EndpointState],
-                wait: Callable[[threading.Event, float], bool] | None = None) -> EndpointState:
-        """A slot on one of ``eligible`` (in preference order), waiting in the queue if
+    def _adopt(self, lease: Lease) -> Lease:
+        """Count a lease as held by this worker."""
+        lease.state.in_flight += 1
+        self.book.add(lease)
+        if self.metrics is not None:
+            self.metrics.child(self.metrics.in_flight, lease.endpoint).inc()
+        return lease
+
+    def _drop(self, state: EndpointState) -> None:
+        """Un-count a lease of this worker (given back or reclaimed)."""
+        state.in_flight -= 1
+        if self.metrics is not None:
+            self.metrics.child(self.metrics.in_flight, state.endpoint.name).dec()
+
+    # ------------------------------------------------------------------ taking, giving
+
+    def acquire(self, key: str, eligible: Sequence[EndpointState], request_id: str = "",
+                wait: Wait | None = None) -> Lease:
+        """A lease on one of ``eligible`` (in preference order), waiting in the queue if
         none is free. Raises SlotsExhausted when the queue is full or the wait times out.
         ``wait(event, timeout)`` blocks until the event is set (the default) and may raise,
         e.g. when the client goes away; the waiter then leaves the queue at once."""
         with self._lock:
             queue = self.queues.setdefault(key, deque())
             if not queue:
-                chosen = self._take(eligible)
+                chosen = self._take(eligible, request_id)
                 if chosen is not None:
                     return chosen
             if len(queue) >= self.settings.max_size:
+                self._drop_if_empty(key)
                 raise self._exhausted(f"the queue for {key or 'this route'} is full "
                                       f"({self.settings.max_size} waiting)")
-            waiter = Waiter(key, eligible)
+            waiter = Waiter(key, eligible, request_id)
             queue.append(waiter)
             self._count(key, +1)
         try:
@@ -94,8 +155,8 @@ class Dispatcher:
             raise self._exhausted(f"no slot freed within {self.settings.timeout:g} s")
         return chosen
 
-    def _leave(self, waiter: Waiter) -> EndpointState | None:
-        """Take a waiter out of its queue; the slot it was given, if any."""
+    def _leave(self, waiter: Waiter) -> Lease | None:
+        """Take a waiter out of its queue; the lease it was given, if any."""
         with self._lock:
             queue = self.queues.get(waiter.key)
             if waiter.chosen is None and queue is not None and waiter in queue:
@@ -104,16 +165,24 @@ class Dispatcher:
                 self._drop_if_empty(waiter.key)
             return waiter.chosen
 
-    def release(self, state: EndpointState) -> None:
-        """A request on ``state`` is over: free its slot and dispatch whoever can use it."""
+    def release(self, lease: Lease) -> None:
+        """A request is over: give its lease back (once; later calls do nothing) and
+        dispatch whoever can use the slot."""
         with self._lock:
-            state.in_flight -= 1
-            if self.metrics is not None:
-                self.metrics.child(self.metrics.in_flight, state.endpoint.name).dec()
+            if lease.released:
+                return
+            lease.released = True
+            if self.book.remove(lease.id) is None:
+                return  # reclaimed already: counted back then
+            self._drop(lease.state)
+        self._give_back(lease.id, lease.state)
         self.pump()
 
+    def _give_back(self, lease_id: str, state: EndpointState) -> None:
+        """Where a shared table lives, tell it a lease ended (nothing to do here)."""
+
     def _count(self, key: str, change: int) -> None:
-        if self.metrics is not None:
+        if self.metrics is not None and self.metrics.queue_depth is not None:
             self.metrics.child(self.metrics.queue_depth, key).inc(change)
 
     def pump(self) -> None:
@@ -123,7 +192,7 @@ class Dispatcher:
                 heads = sorted((q[0] for q in self.queues.values() if q),
                                key=lambda w: w.arrived)
                 for waiter in heads:
-                    chosen = self._take(waiter.eligible)
+                    chosen = self._take(waiter.eligible, waiter.request_id)
                     if chosen is not None:
                         self.queues[waiter.key].popleft()
                         self._count(waiter.key, -1)
@@ -134,6 +203,10 @@ class Dispatcher:
                 else:
                     return
 
+    def refresh(self, states: Iterable[EndpointState]) -> None:
+        """Endpoints were probed (capacity or health may have changed): dispatch."""
+        self.pump()
+
     def _drop_if_empty(self, key: str) -> None:
         if not self.queues.get(key):
             self.queues.pop(key, None)
@@ -143,19 +216,82 @@ class Dispatcher:
         return SlotsExhausted(SLOTS_EXHAUSTED,
                               headers={"Retry-After": str(self.settings.retry_after)})
 
+    # ---------------------------------------------------------------- the renewing tick
+
+    def tick(self, write_timeout: float | None = None) -> list[Held]:
+        """The renewing greenlet's round: renew held leases, reclaim those dropped without
+        being given back, and end requests whose client write has been blocked longer than
+        ``write_timeout``. Returns what was reclaimed."""
+        with self._lock:
+            lost = self.book.sweep()
+            for held in lost:
+                self._drop(held.state)
+        for held in lost:
+            self._reclaimed(held, "its request ended without giving it back")
+            self._give_back(held.id, held.state)
+        if write_timeout is not None:
+            now = time.monotonic()
+            for lease in self.book.live():
+                since = lease.writing_since
+                if since is not None and now - since > write_timeout \
+                        and lease.abort is not None:
+                    log.warning("request %s: client write blocked for over %g s: closing "
+                                "the connection", lease.request_id, write_timeout)
+                    lease.abort()
+        if lost:
+            self.pump()
+        return lost
+
+    def _reclaimed(self, held: Held | Any, why: str) -> None:
+        """Log and count one reclaimed lease."""
+        log.warning("slot lease %s of request %s on %s reclaimed: %s", held.id,
+                    held.request_id or "-", held.endpoint, why)
+        if self.metrics is not None:
+            self.metrics.child(self.metrics.leases_reclaimed, held.endpoint).inc()
+
+    # ---------------------------------------------------------------------- for status
+
+    def snapshot(self) -> QueueView:
+        """Slots and the queue now, for the status routes and metrics."""
+        with self._lock:
+            waiters = [w for q in self.queues.values() for w in q]
+            now = time.monotonic()
+            waiting: dict[str, int] = {}
+            for waiter in waiters:
+                for state in waiter.eligible:
+                    name = state.endpoint.name
+                    waiting[name] = waiting.get(name, 0) + 1
+            in_use: dict[str, int] = {}
+            for held in self.book._held.values():
+                in_use[held.endpoint] = in_use.get(held.endpoint, 0) + 1
+            return QueueView(
+                depth=len(waiters),
+                longest_wait=max((now - w.arrived for w in waiters), default=0.0),
+                by_model={k: len(q) for k, q in self.queues.items() if q},
+                waiting_for=waiting, in_use=in_use)
+
+    def describe(self) -> dict[str, Any]:
+        """The ``shared_state`` object of /internal/status."""
+        return {"backend": "local", "reachable": None, "workers": self.workers,
+                "local_share": self.workers > 1, "lease_ttl_s": self.book.ttl}
+
     def depth(self) -> int:
         """Requests waiting now, all models."""
-        return sum(len(q) for q in self.queues.values())
+        return self.snapshot().depth
 
-    def longest_wait(self, now: float | None = None) -> float:
+    def longest_wait(self) -> float:
         """Seconds the oldest waiter has waited (0 when nobody waits)."""
-        now = time.monotonic() if now is None else now
-        oldest = [q[0].arrived for q in self.queues.values() if q]
-        return max(0.0, now - min(oldest)) if oldest else 0.0
+        return self.snapshot().longest_wait
 
     def waiting_for(self, state: EndpointState) -> int:
         """Waiters that could use a slot on ``state``."""
-        return sum(1 for q in self.queues.values() for w in q if state in w.eligible)
+        return self.snapshot().waiting_for.get(state.endpoint.name, 0)
+
+    def start(self) -> None:
+        """Start background work (the shared dispatcher's listener; nothing here)."""
+
+    def stop(self) -> None:
+        """Stop background work."""
 
 
 def _wait(event: threading.Event, timeout: float) -> bool:

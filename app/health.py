@@ -21,6 +21,7 @@ from .upstream import UpstreamPool
 
 log = logging.getLogger(__name__)
 
+InUse = Callable[[EndpointState], int]
 BACKOFF_CAP = 60.0      # seconds: the longest wait between probes of a failing endpoint
 LOADING_RECHECK = 1.0   # seconds: how soon a loading endpoint is probed again
 
@@ -109,9 +110,11 @@ def mark_failed(state: EndpointState, status: Status, detail: str,
 
 
 def check_once(registry: Registry, now: float | None = None,
-               probe_fn: Callable[[UpstreamPool, Endpoint], Probe] = probe) -> list[str]:
+               probe_fn: Callable[[UpstreamPool, Endpoint], Probe] = probe,
+               in_use: InUse | None = None) -> list[str]:
     """Probe every endpoint whose check is due, then rediscover those that just recovered,
-    whose discovery is stale, or whose key was refused. Returns the names probed."""
+    whose discovery is stale, or whose key was refused. Returns the names probed.
+    ``in_use(state)``: slots the proxy holds there (default: this worker's requests)."""
     now = time.monotonic() if now is None else now
     due = [s for s in registry if s.next_check <= now]
     if not due:
@@ -129,7 +132,7 @@ def check_once(registry: Registry, now: float | None = None,
         if result.status is Status.HEALTHY and (recovered or stale or state.discovery_error):
             registry.discover(state)
         if state.routable and state.slots_polling:
-            poll_slots(registry.pool, state)
+            poll_slots(registry.pool, state, in_use)
         if state.routable and state.metrics_polling:
             poll_metrics(registry.pool, state)
 
@@ -170,12 +173,14 @@ def poll_metrics(pool: UpstreamPool, state: EndpointState) -> None:
         log.info("endpoint %s: /metrics not available (%s)", endpoint.name, upstream.status)
 
 
-def poll_slots(pool: UpstreamPool, state: EndpointState) -> None:
-    """Reconcile slot use with llama.cpp's /slots: slots busy beyond this worker's own
-    requests belong to others (other workers, other clients). An endpoint that disables
-    /slots or refuses it is not asked again; local counts then stand alone."""
+def poll_slots(pool: UpstreamPool, state: EndpointState, in_use: InUse | None = None) -> None:
+    """Reconcile slot use with llama.cpp's /slots: slots busy beyond the proxy's own
+    requests (``in_use``: this worker's, or the fleet's leases with shared state) belong
+    to others. An endpoint that disables /slots or refuses it is not asked again; local
+    counts then stand alone."""
     endpoint = state.endpoint
-    in_flight_before = state.in_flight
+    count = in_use or _own_requests
+    in_flight_before = count(state)
     try:
         status, document = pool.get_json(endpoint, "/slots", endpoint.check_timeout)
     except UpstreamError:
@@ -183,7 +188,7 @@ def poll_slots(pool: UpstreamPool, state: EndpointState) -> None:
     # A request that started or ended during the poll may or may not show in it; count it
     # as ours, not another's: overcounting others would hold requests back until the next
     # poll, undercounting only lets llama.cpp queue one briefly.
-    in_flight = max(in_flight_before, state.in_flight)
+    in_flight = max(in_flight_before, count(state))
     busy = busy_slots(document) if status == 200 else None
     if busy is None:
         if status in (401, 403, 404, 501) or status == 200:
@@ -195,14 +200,22 @@ def poll_slots(pool: UpstreamPool, state: EndpointState) -> None:
     state.others_busy = max(0, busy - in_flight)
 
 
+def _own_requests(state: EndpointState) -> int:
+    return state.in_flight
+
+
 class HealthLoop:
-    """Runs ``check_once`` forever in a gevent greenlet (one per gunicorn worker)."""
+    """Runs ``check_once`` forever in a gevent greenlet (one per gunicorn worker).
+    ``on_change(states)`` hears of every round that probed something (capacity or health
+    may have changed: waiters can be dispatched)."""
 
     def __init__(self, registry: Registry, tick: float = 0.25,
-                 on_change: Callable[[], None] | None = None) -> None:
+                 on_change: Callable[[list[EndpointState]], None] | None = None,
+                 in_use: InUse | None = None) -> None:
         self.registry = registry
         self.tick = tick
         self.on_change = on_change
+        self.in_use = in_use
         self._greenlet: Any = None
 
     def start(self) -> None:
@@ -217,8 +230,9 @@ class HealthLoop:
 
         while True:
             try:
-                if check_once(self.registry) and self.on_change is not None:
-                    self.on_change()  # endpoints may have become usable: dispatch waiters
+                probed = check_once(self.registry, in_use=self.in_use)
+                if probed and self.on_change is not None:
+                    self.on_change([self.registry.states[name] for name in probed])
             except Exception:  # the loop must outlive any one bad probe
                 log.exception("health check failed")
             gevent.sleep(self.tick)

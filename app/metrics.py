@@ -43,7 +43,7 @@ LABELS = ("endpoint", "model", "route")
 class Metrics:
     """The proxy's own series, and the exposition of everything."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared: bool = False) -> None:
         self.multiprocess_dir = os.environ.get(MULTIPROC_ENV) or None
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.registry = CollectorRegistry(auto_describe=True)
@@ -73,8 +73,18 @@ class Metrics:
                                            ["endpoint", "model"], buckets=RATE, registry=r)
         self.in_flight = Gauge("olla_in_flight_requests", "Requests holding a slot now",
                                ["endpoint"], multiprocess_mode="livesum", registry=r)
-        self.queue_depth = Gauge("olla_queue_depth", "Requests waiting for a slot now",
-                                 ["model"], multiprocess_mode="livesum", registry=r)
+        # With shared state the queue is the fleet's, read from Redis by FleetCollector.
+        self.queue_depth = None if shared else Gauge(
+            "olla_queue_depth", "Requests waiting for a slot now", ["model"],
+            multiprocess_mode="livesum", registry=r)
+        self.leases_reclaimed = Counter(
+            "olla_slot_leases_reclaimed", "Slot leases reclaimed: dropped without being "
+            "given back, or not renewed in time (their worker died)", ["endpoint"],
+            registry=r)
+        self.shared_state_up = None if not shared else Gauge(
+            "olla_shared_state_up", "1 while the shared state (Redis) answers, 0 while "
+            "workers fall back to local slot shares (the lowest over workers)",
+            multiprocess_mode="livemin", registry=r)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, memoised: the library validates labels on every
@@ -140,10 +150,14 @@ class FleetCollector(Collector):
         slots = GaugeMetricFamily("olla_endpoint_slots", "llama.cpp slots (total_slots)",
                                   labels=["endpoint"])
         busy = GaugeMetricFamily("olla_endpoint_slots_in_use",
-                                 "Slots busy as this worker sees them (its requests and "
-                                 "others seen in /slots)", labels=["endpoint"])
+                                 "Slots busy: the proxy's leases (fleet-wide with shared "
+                                 "state) and others seen in /slots", labels=["endpoint"])
+        view = self.svc.dispatcher.snapshot()  # with Redis: the fleet's, and fresh
+        leases = GaugeMetricFamily("olla_slot_leases", "Slot leases held (fleet-wide with "
+                                   "shared state, else by this worker)", labels=["endpoint"])
         for state in states:
             name = state.endpoint.name
+            leases.add_metric([name], float(view.in_use.get(name, 0)))
             for value in STATES:
                 state_family.add_metric([name, value], 1.0 if state.status.value == value
                                         else 0.0)
@@ -151,7 +165,18 @@ class FleetCollector(Collector):
             if state.total_slots is not None:
                 slots.add_metric([name], float(state.total_slots))
             busy.add_metric([name], float(state.slots_in_use))
-        yield from (state_family, up, slots, busy)
+        yield from (state_family, up, slots, busy, leases)
+        longest = GaugeMetricFamily("olla_queue_longest_wait_seconds",
+                                    "How long the oldest waiting request has waited "
+                                    "(fleet-wide with shared state, else this worker's)")
+        longest.add_metric([], view.longest_wait)
+        yield longest
+        if view.shared:
+            depth = GaugeMetricFamily("olla_queue_depth", "Requests waiting for a slot now "
+                                      "(fleet-wide)", labels=["model"])
+            for model, count in sorted(view.by_model.items()):
+                depth.add_metric([model], float(count))
+            yield depth
         yield from reexported(states)
 
 

@@ -75,6 +75,8 @@ class EndpointState:
     # llama.cpp's own Prometheus text from /metrics (--metrics), re-exported by the proxy.
     metrics_text: str | None = None
     metrics_polling: bool = True                # False once /metrics is disabled or refused
+    # Leases held here fleet-wide, as the shared table (Redis) last said; None without it.
+    fleet_in_use: int | None = None
     # Traffic through this worker.
     in_flight: int = 0
     requests: int = 0
@@ -103,14 +105,10 @@ class EndpointState:
 
     @property
     def slots_in_use(self) -> int:
-        """Slots busy on this endpoint, as far as this worker can tell."""
-        return self.in_flight + self.others_busy
-
-    @property
-    def has_free_slot(self) -> bool:
-        """Whether one more request would get a slot at once (unknown capacity: yes)."""
-        total = self.total_slots
-        return total is None or self.slots_in_use < total
+        """Slots busy on this endpoint: the proxy's leases (fleet-wide with shared state,
+        else this worker's) plus those seen busy for others in /slots."""
+        ours = self.fleet_in_use if self.fleet_in_use is not None else self.in_flight
+        return ours + self.others_busy
 
     @property
     def n_ctx(self) -> int | None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from flask import Flask, current_app
 
 from .balancer import make_balancer
-from .config import Settings
+from .config import WORKER_COUNT_ENV, Settings
 from .dispatch import Dispatcher
 from .health import HealthLoop
 from .logs import RequestLog
@@ -17,6 +20,8 @@ from .registry import Registry
 from .routing import Router
 from .stats import Exchange, Stats
 from .upstream import UpstreamPool
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,28 +44,83 @@ class Services:
         """Told about every finished proxied request."""
         return (self.stats.record, self.metrics.record)
 
+    renewer: Renewer
+
     @classmethod
-    def build(cls, settings: Settings, version: str) -> Services:
-        """Wire the services for one app."""
+    def build(cls, settings: Settings, version: str, workers: int | None = None) -> Services:
+        """Wire the services for one app. ``workers``: gunicorn workers of this proxy
+        (default ``$OLLA_WORKER_COUNT``, which gunicorn.conf.py sets in each worker)."""
+        if workers is None:
+            workers = int(os.environ.get(WORKER_COUNT_ENV) or 1)
         pool = UpstreamPool(settings.endpoints, settings.proxy)
         registry = Registry(settings.endpoints, pool,
                             discovery_interval=settings.discovery_interval)
         router = Router(registry, settings.model_aliases,
                         make_balancer(settings.proxy.load_balancer))
-        metrics = Metrics()
-        dispatcher = Dispatcher(settings.proxy.queue, metrics)
-        return cls(settings, version, pool, registry, router,
-                   HealthLoop(registry, on_change=dispatcher.pump), Stats(), dispatcher,
-                   metrics, RequestLog())
+        shared = settings.state.redis_url is not None
+        metrics = Metrics(shared=shared)
+        dispatcher: Dispatcher
+        if shared:
+            from .shared import SharedDispatcher
+
+            dispatcher = SharedDispatcher(settings.proxy.queue, settings.state,
+                                          registry.states, metrics, workers)
+        else:
+            dispatcher = Dispatcher(settings.proxy.queue, metrics, workers,
+                                    settings.state.lease_ttl)
+        health = HealthLoop(registry, on_change=dispatcher.refresh, in_use=dispatcher.in_use)
+        renewer = Renewer(dispatcher, settings.proxy.write_timeout,
+                          min(1.0, settings.state.lease_ttl / 4))
+        return cls(settings, version, pool, registry, router, health, Stats(), dispatcher,
+                   metrics, RequestLog(), renewer)
 
     def start_background(self) -> None:
-        """Start this worker's health-check greenlet (call after gevent has patched)."""
+        """Start this worker's health-check and lease-renewing greenlets, and the shared
+        state's grant listener (call after gevent has patched)."""
         self.health.start()
+        self.dispatcher.start()
+        self.renewer.start()
 
     def close(self) -> None:
-        """Stop the health loop and release pooled connections."""
+        """Stop the background work and release pooled connections."""
+        self.renewer.stop()
+        self.dispatcher.stop()
         self.health.stop()
         self.pool.close()
+
+
+class Renewer:
+    """The renewing greenlet: every ``interval`` it renews this worker's leases (in Redis
+    too), reclaims dropped ones and cuts off clients whose writes stalled."""
+
+    def __init__(self, dispatcher: Dispatcher, write_timeout: float, interval: float) -> None:
+        self.dispatcher = dispatcher
+        self.write_timeout = write_timeout
+        self.interval = interval
+        self._greenlet: Any = None
+
+    def start(self) -> None:
+        """Spawn the loop (after gevent patched)."""
+        import gevent
+
+        if self._greenlet is None:
+            self._greenlet = gevent.spawn(self._run)
+
+    def _run(self) -> None:
+        import gevent
+
+        while True:
+            try:
+                self.dispatcher.tick(self.write_timeout)
+            except Exception:  # the loop must outlive any one bad round
+                log.exception("lease renewal failed")
+            gevent.sleep(self.interval)
+
+    def stop(self) -> None:
+        """Kill the loop."""
+        if self._greenlet is not None:
+            self._greenlet.kill()
+            self._greenlet = None
 
 
 def services_of(app: Flask) -> Services:

@@ -97,7 +97,7 @@ class Exchange:
     model: str
     route: str
     started: float                          # perf_counter at the request's arrival
-    release: Callable[[EndpointState], None]  # gives the slot back (the dispatcher's)
+    release: Callable[[], None]             # gives the slot lease back
     # Told about every counted exchange once it is over: stats, metrics, the request log.
     observers: Sequence[Callable[[Exchange], None]] = ()
     queue_wait_ms: float = 0.0
@@ -148,7 +148,7 @@ class Exchange:
         if self.status >= 500 and self.status != 501:
             self.ok = False
         self.total_ms = (time.perf_counter() - self.started) * 1000
-        self.release(self.state)
+        self.release()
         # A failed attempt counts against its endpoint; one passed over for a feature it
         # lacks (501) or while loading counts nowhere; a client request counts once.
         if counted or not self.ok:

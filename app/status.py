@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from .dispatch import QueueView
 from .errors import InvalidRequest
 from .registry import EndpointState, Status, base_name, name_key
 from .services import Services
@@ -214,6 +215,7 @@ class EndpointView:
     id: str
     clock: Clock
     queued: int = 0        # requests waiting that could use this endpoint
+    leases: int = 0        # slot leases held there (fleet-wide with shared state)
 
     @property
     def next_check_wall(self) -> float | None:
@@ -292,9 +294,11 @@ def capacity(view: EndpointView) -> dict[str, Any]:
     build = state.props.get("build_info")
     return {"total_slots": state.total_slots, "n_ctx": state.n_ctx,
             "build_info": build if isinstance(build, str) else None,
-            # Ours: this worker's requests plus others seen busy in /slots.
+            # Ours: the proxy's leases (fleet-wide with shared state, else this worker's)
+            # plus others seen busy in /slots.
             "slots_in_use": state.slots_in_use,
             "slots_polled": state.slots_polling,
+            "leases": view.leases,
             "queued": view.queued}
 
 
@@ -332,48 +336,54 @@ def serialize_endpoint(view: EndpointView,
     return out
 
 
-def _views(svc: Services, clock: Clock) -> list[EndpointView]:
+def _views(svc: Services, clock: Clock, queue: QueueView) -> list[EndpointView]:
     """Every endpoint, Olla's order: priority first, healthy first within it, then name."""
     states = list(svc.registry)
     ids = endpoint_ids(states)
-    views = [EndpointView(s, ids[s.endpoint.name], clock, svc.dispatcher.waiting_for(s))
+    views = [EndpointView(s, ids[s.endpoint.name], clock,
+                          queue.waiting_for.get(s.endpoint.name, 0),
+                          queue.in_use.get(s.endpoint.name, 0))
              for s in states]
     return sorted(views, key=lambda v: (-v.state.endpoint.priority,
                                         v.state.status is not Status.HEALTHY,
                                         v.state.endpoint.name, v.id))
 
 
-def queue_status(svc: Services) -> dict[str, Any]:
-    """The slot queue (ours): depth, bound, the longest current wait, per model."""
-    dispatcher, settings = svc.dispatcher, svc.settings.proxy.queue
+def queue_status(svc: Services, queue: QueueView) -> dict[str, Any]:
+    """The slot queue (ours): depth, bound, the longest current wait, per model; the
+    fleet's with shared state, else this worker's."""
+    settings = svc.settings.proxy.queue
     return {
-        "depth": dispatcher.depth(),
+        "depth": queue.depth,
         "max_size": settings.max_size,
         "timeout_s": settings.timeout,
-        "longest_wait_ms": ms(dispatcher.longest_wait() * 1000),
-        "by_model": {key or "(no model named)": len(waiters)
-                     for key, waiters in dispatcher.queues.items() if waiters},
+        "longest_wait_ms": ms(queue.longest_wait * 1000),
+        "by_model": {key or "(no model named)": count
+                     for key, count in sorted(queue.by_model.items()) if count},
+        "scope": "fleet" if queue.shared else "worker",
     }
 
 
 def endpoints_status(svc: Services, clock: Clock | None = None) -> dict[str, Any]:
     """``GET /internal/status/endpoints``."""
     clock = clock or Clock.now()
-    views = _views(svc, clock)
+    queue = svc.dispatcher.snapshot()
+    views = _views(svc, clock, queue)
     return _finish(svc, {
         "timestamp": iso(clock.wall),
         "total_count": len(views),
         "healthy_count": sum(v.state.status is Status.HEALTHY for v in views),
         "routable_count": sum(v.state.routable for v in views),
         "endpoints": [serialize_endpoint(v) for v in views],
-        "queue": queue_status(svc),
+        "queue": queue_status(svc, queue),
     })
 
 
 def system_status(svc: Services, clock: Clock | None = None) -> dict[str, Any]:
     """``GET /internal/status``: the fleet at a glance."""
     clock = clock or Clock.now()
-    views = _views(svc, clock)
+    queue = svc.dispatcher.snapshot()
+    views = _views(svc, clock, queue)
     states = [v.state for v in views]
     healthy = sum(s.status is Status.HEALTHY for s in states)
     requests = sum(s.requests for s in states)
@@ -384,7 +394,8 @@ def system_status(svc: Services, clock: Clock | None = None) -> dict[str, Any]:
         "endpoints": [serialize_endpoint(v, STATUS_ENDPOINT_FIELDS) for v in views],
         "proxy": {"engine": "olla-py", "profile": "streaming",
                   "balancer": svc.settings.proxy.load_balancer},
-        "queue": queue_status(svc),
+        "queue": queue_status(svc, queue),
+        "shared_state": svc.dispatcher.describe(),
         "system": {
             "status": fleet_status(healthy, len(states), successes, requests),
             "endpoints_up": f"{healthy}/{len(states)}",

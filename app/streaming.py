@@ -16,13 +16,16 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .concurrency import gevent_active
 from .config import Timeouts
 from .errors import UpstreamError, UpstreamTimeout
 from .stats import Exchange, find_timings
 from .upstream import Upstream
+
+if TYPE_CHECKING:
+    from .leases import Lease
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +142,12 @@ class Clock:
         return f"nothing for {self.limits.read_timeout:g} s"
 
 
+class _NoLease:
+    """Where the relay marks its writes when no lease is given (tests)."""
+
+    writing_since: float | None = None
+
+
 def first_item(source: Source, clock: Clock) -> Any:
     """Wait for the first chunk before any byte goes to the client: a chunk, END, an
     UpstreamError, or KEEPALIVE_DUE when the first keepalive is due first. Raises
@@ -155,14 +164,18 @@ def first_item(source: Source, clock: Clock) -> Any:
 
 
 def relay(source: Source, exchange: Exchange, clock: Clock, first: Any, *, openai: bool,
-          client_gone: Any = lambda: False) -> Iterator[bytes]:
+          client_gone: Any = lambda: False, lease: Lease | None = None) -> Iterator[bytes]:
     """Yield what ``first_item`` returned, then the upstream's raw chunks as they arrive.
 
     The WSGI server closes this generator when the client goes away (its next write
     fails); ``finally`` then aborts the upstream connection, which is what makes llama.cpp
     stop generating and free the slot. The last event carrying ``timings`` or ``usage`` is
-    kept (a byte search per chunk) and parsed once at the end.
+    kept (a byte search per chunk) and parsed once at the end. While the WSGI server
+    writes a chunk (between a ``yield`` and the next resumption) ``lease.writing_since``
+    says since when, so that a client that stopped reading can be cut off
+    (``proxy.write_timeout``).
     """
+    marks = lease if lease is not None else _NoLease()
     endpoint = exchange.state.endpoint.name
     last_stats: bytes | None = None
     ok = True
@@ -175,6 +188,7 @@ def relay(source: Source, exchange: Exchange, clock: Clock, first: Any, *, opena
                 ok = client_gone()
                 if not ok:
                     log.warning("upstream %s broke mid-stream: %s", endpoint, item.message)
+                    marks.writing_since = time.monotonic()
                     yield sse_error_event(
                         f"upstream {endpoint} failed mid-stream: {item.message}", openai)
                 break
@@ -183,20 +197,25 @@ def relay(source: Source, exchange: Exchange, clock: Clock, first: Any, *, opena
                     ok = False
                     why = clock.what_ran_out()
                     log.warning("upstream %s timed out mid-stream: %s", endpoint, why)
+                    marks.writing_since = time.monotonic()
                     yield sse_error_event(f"upstream {endpoint} timed out: {why}", openai,
                                           code="upstream_timeout")
                     break
                 clock.last_sent = time.perf_counter()
                 item = KEEPALIVE_DUE
             if item is KEEPALIVE_DUE:
+                marks.writing_since = time.monotonic()
                 yield KEEPALIVE
             else:
                 if b'"timings"' in item or b'"usage"' in item:
                     last_stats = item
                 clock.last_byte = clock.last_sent = time.perf_counter()
+                marks.writing_since = time.monotonic()
                 yield item
+            marks.writing_since = None
             item = source.next(clock.wake() - time.perf_counter())
     finally:
+        marks.writing_since = None
         source.close()
         if last_stats is not None:
             exchange.timings = find_timings(last_stats)

@@ -12,6 +12,7 @@ from flask.testing import FlaskClient
 
 from app import create_app
 from app.config import settings_from_mapping
+from tests.integration.procs import RedisServer
 
 CHAT_URL = "http://chat.test:8080"
 EMBED_URL = "http://embed.test:8080"
@@ -69,3 +70,22 @@ def two_endpoints(fake: responses.RequestsMock, make_app: Callable[..., Flask]) 
         {"url": EMBED_URL, "name": "embed", "priority": 80},
     ]})
     return app.test_client()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server for the whole run (stopped at the end)."""
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """A Redis URL with nothing in it yet."""
+    if redis_server.process is None or redis_server.process.poll() is not None:
+        redis_server.start()  # a test stopped it
+    redis_server.flush()
+    return redis_server.url

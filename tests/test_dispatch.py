@@ -10,6 +10,7 @@ import pytest
 from app.config import Endpoint, QueueSettings
 from app.dispatch import SLOTS_EXHAUSTED, Dispatcher
 from app.errors import ClientDisconnected, SlotsExhausted
+from app.leases import Lease
 from app.registry import EndpointState, Status
 
 
@@ -41,7 +42,7 @@ class Client(threading.Thread):
                  log: list[str] | None = None, name: str = "") -> None:
         super().__init__(daemon=True)
         self.d, self.key, self.eligible, self.log, self.label = d, key, eligible, log, name
-        self.got: EndpointState | None = None
+        self.got: Lease | None = None
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -55,25 +56,25 @@ class Client(threading.Thread):
 
 def test_free_slot_is_taken_at_once() -> None:
     d, a = dispatcher(), endpoint("a", 2)
-    assert d.acquire("m", [a]) is a and d.acquire("m", [a]) is a
-    assert a.in_flight == 2 and not a.has_free_slot
+    assert d.acquire("m", [a]).state is a and d.acquire("m", [a]).state is a
+    assert a.in_flight == 2 and a.in_flight >= d.capacity(a)
 
 
 def test_first_free_in_router_order() -> None:
     d, a, b = dispatcher(), endpoint("a", 1), endpoint("b", 1)
-    assert d.acquire("m", [a, b]) is a
-    assert d.acquire("m", [a, b]) is b
+    assert d.acquire("m", [a, b]).state is a
+    assert d.acquire("m", [a, b]).state is b
 
 
 def test_unknown_capacity_never_queues() -> None:
     d, a = dispatcher(max_size=0), endpoint("a", None)
     for _ in range(50):
-        assert d.acquire("m", [a]) is a
+        assert d.acquire("m", [a]).state is a
 
 
 def test_waiters_are_served_in_arrival_order() -> None:
     d, a = dispatcher(), endpoint("a", 1)
-    d.acquire("m", [a])
+    held = [d.acquire("m", [a])]
     order: list[str] = []
     clients = []
     for i in range(4):
@@ -82,15 +83,16 @@ def test_waiters_are_served_in_arrival_order() -> None:
         wait_for(lambda i=i: d.depth() == i + 1)
         clients.append(client)
     for expected in range(1, 5):
-        d.release(a)
+        d.release(held[-1])
         wait_for(lambda expected=expected: len(order) == expected)
+        held.append(clients[expected - 1].got)  # type: ignore[arg-type]
     assert order == ["c0", "c1", "c2", "c3"]
     assert a.in_flight == 1 and d.depth() == 0
 
 
 def test_oldest_waiter_first_across_models() -> None:
     d, a = dispatcher(), endpoint("a", 1)
-    d.acquire("x", [a])
+    lease = d.acquire("x", [a])
     order: list[str] = []
     first = Client(d, "y", [a], order, "y-first")
     first.start()
@@ -98,7 +100,7 @@ def test_oldest_waiter_first_across_models() -> None:
     second = Client(d, "x", [a], order, "x-second")
     second.start()
     wait_for(lambda: d.depth() == 2)
-    d.release(a)
+    d.release(lease)
     wait_for(lambda: len(order) == 1)
     assert order == ["y-first"]
 
@@ -114,7 +116,7 @@ def test_a_new_request_does_not_jump_the_queue() -> None:
     late.start()
     wait_for(lambda: d.depth() == 2)  # it queues behind the waiter, not past it
     d.pump()
-    wait_for(lambda: waiting.got is a)
+    wait_for(lambda: waiting.got is not None and waiting.got.state is a)
     assert late.got is None
 
 
@@ -162,10 +164,10 @@ def test_client_gone_while_queued_leaves_at_once() -> None:
 
 def test_slot_handed_over_as_the_client_left_is_given_back() -> None:
     d, a = dispatcher(), endpoint("a", 1)
-    d.acquire("m", [a])
+    first = d.acquire("m", [a])
 
     def released_then_gone(event: threading.Event, timeout: float) -> bool:
-        d.release(a)          # the slot frees and goes to this waiter...
+        d.release(first)      # the slot frees and goes to this waiter...
         assert event.is_set()
         raise ClientDisconnected("...which had just gone")
 
@@ -180,7 +182,7 @@ def test_others_busy_count_against_capacity() -> None:
     with pytest.raises(SlotsExhausted):
         d.acquire("m", [a])
     a.others_busy = 1
-    assert d.acquire("m", [a]) is a
+    assert d.acquire("m", [a]).state is a
 
 
 def test_unroutable_endpoints_get_nothing_until_pumped_back() -> None:
@@ -190,18 +192,92 @@ def test_unroutable_endpoints_get_nothing_until_pumped_back() -> None:
     client.start()
     wait_for(lambda: d.depth() == 1)
     a.status = Status.HEALTHY
-    d.pump()                  # what the health loop does after each round
-    wait_for(lambda: client.got is a)
+    d.refresh([a])            # what the health loop does after each round
+    wait_for(lambda: client.got is not None and client.got.state is a)
 
 
 def test_status_figures() -> None:
     d, a, b = dispatcher(), endpoint("a", 1), endpoint("b", 1)
-    d.acquire("m", [a])
+    lease = d.acquire("m", [a])
     Client(d, "m", [a]).start()
     wait_for(lambda: d.depth() == 1)
     time.sleep(0.02)
     assert d.longest_wait() >= 0.02
     assert (d.waiting_for(a), d.waiting_for(b)) == (1, 0)
-    d.release(a)
+    assert d.snapshot().in_use == {"a": 1} and d.snapshot().by_model == {"m": 1}
+    d.release(lease)
     wait_for(lambda: d.depth() == 0)
     assert d.longest_wait() == 0.0
+
+
+def test_release_is_idempotent() -> None:
+    d, a = dispatcher(), endpoint("a", 1)
+    lease = d.acquire("m", [a])
+    d.release(lease)
+    d.release(lease)
+    assert a.in_flight == 0 and len(d.book) == 0
+    assert d.acquire("m", [a]).state is a and a.in_flight == 1
+
+
+@pytest.mark.parametrize(("workers", "total", "share"), [(2, 4, 2), (4, 2, 1), (3, 8, 2),
+                                                         (1, 3, 3)])
+def test_each_worker_takes_its_share_without_shared_state(workers: int, total: int,
+                                                          share: int) -> None:
+    d = Dispatcher(QueueSettings(max_size=0), workers=workers)
+    a = endpoint("a", total)
+    a.others_busy = 1   # other workers' requests show in /slots: not held against a share
+    if workers == 1:
+        share -= 1      # one worker: those are other clients, and count
+    for _ in range(share):
+        d.acquire("m", [a])
+    with pytest.raises(SlotsExhausted):
+        d.acquire("m", [a])
+    assert a.in_flight == share
+
+
+def test_a_lease_dropped_without_release_is_reclaimed(caplog: pytest.LogCaptureFixture
+                                                      ) -> None:
+    from app.metrics import Metrics
+
+    metrics = Metrics()
+    d = Dispatcher(QueueSettings(max_size=5, timeout=5.0), metrics)
+    a = endpoint("a", 1)
+    lease = d.acquire("m", [a], request_id="req-leaky")
+    assert d.tick() == []            # held: renewed, not reclaimed
+    assert a.in_flight == 1
+    del lease                        # a path that forgot to give it back
+    lost = d.tick()
+    assert [h.request_id for h in lost] == ["req-leaky"]
+    assert a.in_flight == 0 and len(d.book) == 0
+    assert "req-leaky" in caplog.text and "reclaimed" in caplog.text
+    value = metrics.registry.get_sample_value("olla_slot_leases_reclaimed_total",
+                                              {"endpoint": "a"})
+    assert value == 1.0
+    assert d.acquire("m", [a]).state is a
+
+
+def test_a_reclaimed_slot_goes_to_the_next_waiter() -> None:
+    d, a = dispatcher(), endpoint("a", 1)
+    lease = d.acquire("m", [a])
+    client = Client(d, "m", [a])
+    client.start()
+    wait_for(lambda: d.depth() == 1)
+    del lease
+    d.tick()
+    wait_for(lambda: client.got is not None)
+    assert a.in_flight == 1
+
+
+def test_a_stalled_write_is_cut_off() -> None:
+    d, a = dispatcher(), endpoint("a", 1)
+    lease = d.acquire("m", [a])
+    aborted: list[str] = []
+    lease.abort = lambda: aborted.append(lease.id)
+    lease.writing_since = time.monotonic() - 5
+    d.tick(write_timeout=10.0)
+    assert aborted == []
+    d.tick(write_timeout=2.0)
+    assert aborted == [lease.id]
+    lease.writing_since = None       # written: nothing more to cut
+    d.tick(write_timeout=2.0)
+    assert aborted == [lease.id]

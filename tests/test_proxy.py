@@ -11,6 +11,8 @@ import responses
 from flask import Flask
 from flask.testing import FlaskClient
 
+from app import assemble
+
 from .conftest import CHAT_URL, EMBED_URL, add_llamacpp
 
 POST_ROUTES = ["completion", "v1/completions", "v1/chat/completions", "embedding",
@@ -38,12 +40,37 @@ def error_of(response: object) -> dict[str, str]:
 def test_each_post_route_is_forwarded_byte_for_byte(
         two_endpoints: FlaskClient, fake: responses.RequestsMock, route: str) -> None:
     upstream = fake.post(f"{CHAT_URL}/{route}", json={"ok": route})
-    raw = json.dumps(VALID[route], indent=3).encode()  # odd spacing must survive
+    payload = dict(VALID[route])
+    if route in assemble.ROUTES:
+        payload["stream"] = True  # a non-streamed one is assembled: see the next test
+    raw = json.dumps(payload, indent=3).encode()  # odd spacing must survive
     response = two_endpoints.post(f"/olla/llamacpp/{route}", data=raw,
                                   headers={"Content-Type": "application/json"})
     assert response.status_code == 200
     assert response.get_json() == {"ok": route}
     assert upstream.call_count == 1
+    assert upstream.calls[0].request.body == raw
+
+
+@pytest.mark.parametrize("route", sorted(assemble.ROUTES))
+def test_non_streamed_generation_goes_upstream_as_a_stream(
+        two_endpoints: FlaskClient, fake: responses.RequestsMock, route: str) -> None:
+    upstream = fake.post(f"{CHAT_URL}/{route}", json={"ok": route})
+    response = two_endpoints.post(f"/olla/llamacpp/{route}", json=VALID[route])
+    assert response.get_json() == {"ok": route}  # a JSON answer (an error) is relayed as is
+    sent = json.loads(upstream.calls[0].request.body)
+    assert sent == assemble.upstream_payload(route, VALID[route])
+    assert sent["stream"] is True and {**sent, **VALID[route]}.items() >= VALID[route].items()
+
+
+def test_assembly_can_be_turned_off(fake: responses.RequestsMock,
+                                    make_app: Callable[..., Flask]) -> None:
+    add_llamacpp(fake, CHAT_URL, "llama-3.1-8b-instruct-q4_k_m.gguf")
+    upstream = fake.post(f"{CHAT_URL}/completion", json={"content": "x"})
+    app = make_app({"endpoints": [{"url": CHAT_URL, "name": "chat"}],
+                    "proxy": {"assemble_non_streamed": False}})
+    raw = b'{"prompt":   "hi"}'
+    app.test_client().post("/olla/llamacpp/completion", data=raw)
     assert upstream.calls[0].request.body == raw
 
 
@@ -55,7 +82,11 @@ def test_unknown_fields_reach_llamacpp_untouched(two_endpoints: FlaskClient,
             "cache_prompt": False, "id_slot": 1, "totally_new_knob": {"nested": [1, 2.5, None]},
             "temperature": 0.70}
     two_endpoints.post("/olla/llamacpp/completion", json=body)
-    assert json.loads(upstream.calls[0].request.body) == body
+    assert json.loads(upstream.calls[0].request.body) == assemble.upstream_payload(
+        "completion", body)
+    streamed = {**body, "stream": True}
+    two_endpoints.post("/olla/llamacpp/completion", json=streamed)
+    assert json.loads(upstream.calls[1].request.body) == streamed
 
 
 def test_json_body_accepted_without_content_type(two_endpoints: FlaskClient,
@@ -380,8 +411,9 @@ def test_model_alias_rewrites_model_for_the_chosen_endpoint(
         "model": "my-chat", "messages": [{"role": "user", "content": "x"}], "extra": 1})
     assert response.status_code == 200
     sent = json.loads(upstream.calls[0].request.body)
-    assert sent == {"model": "gemma-3-270m-q4_k_m.gguf",
-                    "messages": [{"role": "user", "content": "x"}], "extra": 1}
+    assert sent == assemble.upstream_payload("v1/chat/completions", {
+        "model": "gemma-3-270m-q4_k_m.gguf", "messages": [{"role": "user", "content": "x"}],
+        "extra": 1})
     assert response.headers["X-Olla-Model"] == "my-chat"
 
 

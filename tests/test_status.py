@@ -32,7 +32,8 @@ ENDPOINT_FIELDS = {
     "health_check_at", "response_time", "response_time_ms", "next_check", "next_check_at",
     "model_count", "last_model_sync", "last_model_sync_at", "request_count", "success_rate",
     "min_latency_ms", "avg_latency_ms", "max_latency_ms", "active_connections",
-    "total_slots", "n_ctx", "build_info", "slots_in_use", "slots_polled", "queued"}
+    "total_slots", "n_ctx", "build_info", "slots_in_use", "slots_polled", "leases",
+    "queued"}
 
 
 def completion(predicted_per_second: float, ok: bool = True) -> dict[str, Any]:
@@ -132,7 +133,8 @@ def test_endpoints_before_any_probe_or_request(two_endpoints: FlaskClient) -> No
     assert set(body) == {"timestamp", "total_count", "healthy_count", "routable_count",
                          "endpoints", "queue"}
     assert body["queue"] == {"depth": 0, "max_size": 100, "timeout_s": 30.0,
-                             "longest_wait_ms": 0.0, "by_model": {}}
+                             "longest_wait_ms": 0.0, "by_model": {},
+                             "scope": "worker"}
     assert body["timestamp"].endswith("Z")
     assert (body["total_count"], body["healthy_count"], body["routable_count"]) == (2, 0, 0)
     assert [e["name"] for e in body["endpoints"]] == ["chat", "embed"]  # priority order
@@ -234,7 +236,10 @@ def test_status_summary(fleet: Flask, fake: responses.RequestsMock) -> None:
     client = fleet.test_client()
     assert client.post("/olla/llamacpp/tokenize", json={"content": "x"}).status_code == 200
     body = get(client, "/internal/status")
-    assert set(body) == {"timestamp", "endpoints", "proxy", "system", "queue"}
+    assert set(body) == {"timestamp", "endpoints", "proxy", "system", "queue",
+                         "shared_state"}
+    assert body["shared_state"] == {"backend": "local", "reachable": None, "workers": 1,
+                                    "local_share": False, "lease_ttl_s": 8.0}
     assert body["proxy"] == {"engine": "olla-py", "profile": "streaming",
                              "balancer": "least-busy"}
     system = body["system"]
@@ -248,7 +253,7 @@ def test_status_summary(fleet: Flask, fake: responses.RequestsMock) -> None:
             "avg_latency_ms", "min_latency_ms", "max_latency_ms", "connections", "requests",
             "last_check", "health_check_at", "next_check", "next_check_at", "issues",
             "models", "total_slots", "n_ctx", "build_info", "slots_in_use", "slots_polled",
-            "queued"} == set(chat)
+            "leases", "queued"} == set(chat)
     assert chat["requests"] == 1 and chat["avg_latency"].endswith(("ms", "s"))
     assert chat["models"]["count"] == 1
 

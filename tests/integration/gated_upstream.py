@@ -81,7 +81,14 @@ class GatedUpstream:
                 self.end_headers()
                 self.wfile.flush()
                 # Test knobs in the body: x_delay_first (seconds of "prompt processing"
-                # before the first event), x_die_first (close before any event).
+                # before the first event), x_die_first (close before any event),
+                # x_garbage (broken chunked framing after one event).
+                if body.get("x_garbage"):
+                    self._chunk(b'data: {"content":"first","stop":false}\n\n')
+                    self.wfile.write(b"zz-not-a-chunk-size\r\n\x00\xff garbage\r\n")
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 if upstream.die_first or body.get("x_die_first"):
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return

@@ -194,6 +194,59 @@ class Proxy:
         return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
 
 
+def redis_binary() -> str:
+    """The redis-server executable (``make test`` installs Debian's)."""
+    found = shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if os.access("/usr/bin/redis-server", os.X_OK) else None)
+    if found is None:
+        raise RuntimeError("redis-server is not installed: run `make test` (it installs it) "
+                           "or apt-get install redis-server")
+    return found
+
+
+@dataclass
+class RedisServer:
+    """A real redis-server on a free loopback port, nothing persisted."""
+
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        """Start (or restart, on the same port) and wait until it answers PING."""
+        self.process = subprocess.Popen(
+            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--protected-mode", "yes", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.process.returncode}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not answer within 10 s")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process, timeout=5)
+            self.process = None
+
+    def flush(self) -> None:
+        """Forget every key (between tests sharing one server)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+            sock.sendall(b"FLUSHALL\r\n")
+            sock.recv(16)
+
+
 def nginx_binary() -> str | None:
     """The nginx executable, if installed."""
     return shutil.which("nginx") or (
