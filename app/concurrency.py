@@ -48,3 +48,17 @@ def spawn(function: Callable[[], Any]) -> Any:
     thread = threading.Thread(target=function, daemon=True)
     thread.start()
     return thread
+
+
+def later(seconds: float, function: Callable[[], Any]) -> None:
+    """Call ``function`` once, ``seconds`` from now, in the background."""
+    if gevent_active():
+        import gevent
+
+        gevent.spawn_later(seconds, function)
+        return
+    import threading
+
+    timer = threading.Timer(seconds, function)
+    timer.daemon = True
+    timer.start()

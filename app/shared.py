@@ -21,7 +21,6 @@ rejoins when Redis answers again, re-registering the leases it holds.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -43,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POLL = 0.5            # seconds: a waiter also looks for its grant this often (pub/sub backstop)
+RELEASE_DELAY = 0.002  # seconds a given-back lease may wait to ride along with an acquire
 REDIS_TIMEOUT = 0.5   # seconds: a Redis call slower than this counts as Redis being down
 WAITERS_SCANNED = 1000
 
@@ -65,8 +65,10 @@ local function reap(ep)
   return redis.call('ZCARD', key)
 end
 
+-- Expired leases are reaped by every worker's renewal (each second), the capacity and
+-- status scripts: not here, on every request's path.
 local function free(ep)
-  local used = reap(ep)
+  local used = redis.call('ZCARD', P .. ':leases:' .. ep)
   local cap = redis.call('HGET', P .. ':cap', ep)
   if not cap or tonumber(cap) < 0 then return 1 end
   return tonumber(cap) - used
@@ -75,7 +77,11 @@ end
 local function grant(ep, id, rid, worker)
   redis.call('ZADD', P .. ':leases:' .. ep, NOW + TTL, id)
   redis.call('HSET', P .. ':lease_info', id, rid .. '\\t' .. worker)
-  redis.call('SADD', P .. ':eps', ep)
+end
+
+-- Endpoint names travel joined by newlines (config names hold no control characters).
+local function names(text)
+  return string.gmatch(text, '[^\\n]+')
 end
 
 local function drop_waiter(id, key)
@@ -104,7 +110,7 @@ local function pump()
       redis.call('DEL', w)
     elseif not blocked[key] then
       local chosen = nil
-      for _, ep in ipairs(cjson.decode(f[2])) do
+      for ep in names(f[2]) do
         if free(ep) > 0 then chosen = ep break end
       end
       if chosen then
@@ -122,13 +128,21 @@ end
 """.replace("LAST_WAITER", str(WAITERS_SCANNED - 1))
 
 _SCRIPTS = {
-    # key, max_size, worker, request_id, id, timeout_ms, usable now (JSON list),
-    # eligible while waiting (JSON list)
+    # key, max_size, worker, request_id, id, timeout_ms, usable now (names), eligible
+    # while waiting (names), then leases this worker gave back since its last
+    # call (ep, id...): released, and handed on, before this request is served
     "acquire": """
 local key, max_size, worker, rid, id = ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
+if #ARGV > 10 then
+  for i = 11, #ARGV, 2 do
+    redis.call('ZREM', P .. ':leases:' .. ARGV[i], ARGV[i + 1])
+    redis.call('HDEL', P .. ':lease_info', ARGV[i + 1])
+  end
+  pump()
+end
 local qlen = tonumber(redis.call('HGET', P .. ':qlen', key) or '0')
 if qlen == 0 then
-  for _, ep in ipairs(cjson.decode(ARGV[9])) do
+  for ep in names(ARGV[9]) do
     if free(ep) > 0 then
       grant(ep, id, rid, worker)
       return {'granted', ep, reclaimed}
@@ -156,18 +170,21 @@ if f[2] then return {'granted', f[2]} end
 if f[1] and redis.call('ZSCORE', P .. ':waiters', id) then drop_waiter(id, f[1]) end
 return {'left', ''}
 """,
-    # ep, id
+    # ep, id, ep, id...: leases given back (batched), then whoever can use them
     "release": """
-redis.call('ZREM', P .. ':leases:' .. ARGV[3], ARGV[4])
-redis.call('HDEL', P .. ':lease_info', ARGV[4])
+for i = 3, #ARGV, 2 do
+  redis.call('ZREM', P .. ':leases:' .. ARGV[i], ARGV[i + 1])
+  redis.call('HDEL', P .. ':lease_info', ARGV[i + 1])
+end
 pump()
 return reclaimed
 """,
-    # worker, mode (XX: renew only; ADD: re-register after a rejoin), then ep, id, rid...
+    # worker, mode (XX: renew only; ADD: re-register after a rejoin), this worker's
+    # endpoints (names), then ep, id, rid...
     "renew": """
 local worker, mode = ARGV[3], ARGV[4]
 redis.call('SET', P .. ':hb:' .. worker, '1', 'PX', TTL)
-local i = 5
+local i = 6
 while i + 2 <= #ARGV do
   local ep, id = ARGV[i], ARGV[i + 1]
   if mode == 'ADD' then
@@ -177,7 +194,7 @@ while i + 2 <= #ARGV do
   end
   i = i + 3
 end
-for _, ep in ipairs(redis.call('SMEMBERS', P .. ':eps')) do reap(ep) end
+for ep in names(ARGV[5]) do reap(ep) end
 pump()
 return reclaimed
 """,
@@ -188,9 +205,10 @@ local used = reap(ARGV[3])
 pump()
 return {used, reclaimed}
 """,
-    # eps (JSON list): in use per endpoint, waiters per model and per endpoint, the oldest
+    # endpoints (names): in use per endpoint, waiters per model and per endpoint, the oldest
     "snapshot": """
-local eps = cjson.decode(ARGV[3])
+local eps = {}
+for ep in names(ARGV[3]) do eps[#eps + 1] = ep end
 local in_use, index = {}, {}
 for i, ep in ipairs(eps) do in_use[i] = reap(ep) index[ep] = i end
 local waiting = {}
@@ -201,7 +219,7 @@ for _, id in ipairs(redis.call('ZRANGE', P .. ':waiters', 0, LAST_WAITER)) do
   if f[1] then
     by_model[f[1]] = (by_model[f[1]] or 0) + 1
     if oldest < 0 or tonumber(f[3]) < oldest then oldest = tonumber(f[3]) end
-    for _, ep in ipairs(cjson.decode(f[2])) do
+    for ep in names(f[2]) do
       if index[ep] then waiting[index[ep]] = waiting[index[ep]] + 1 end
     end
   end
@@ -258,6 +276,7 @@ class SharedTable:
 
         assert settings.redis_url is not None
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self._no_script = redis.exceptions.NoScriptError
         self.client = redis.Redis.from_url(
             settings.redis_url, socket_timeout=REDIS_TIMEOUT,
             socket_connect_timeout=REDIS_TIMEOUT, retry_on_timeout=False,
@@ -269,11 +288,29 @@ class SharedTable:
                          for name, body in _SCRIPTS.items()}
 
     def run(self, name: str, *args: Any) -> Any:
-        """Run one script with the prefix and TTL in front of its arguments."""
+        """Run one script with the prefix and TTL in front of its arguments: EVALSHA on a
+        pooled connection directly (redis-py's Script and client layers cost as much again
+        as the round trip itself), loading the script when Redis does not know it."""
+        pool = self.client.connection_pool
         try:
-            return self._scripts[name](args=[self.prefix, self.ttl_ms, *args])
+            connection = pool.get_connection()
         except self._errors as exc:
             raise RedisDown(f"{type(exc).__name__}: {exc}") from exc
+        try:
+            try:
+                connection.send_command(  # type: ignore[no-untyped-call]
+                    "EVALSHA", self._scripts[name].sha, 0, self.prefix, self.ttl_ms, *args)
+                return connection.read_response()
+            except self._no_script:
+                # A restarted (or flushed) Redis: load it again, on the same connection.
+                connection.send_command(  # type: ignore[no-untyped-call]
+                    "EVAL", self._scripts[name].script, 0, self.prefix, self.ttl_ms, *args)
+                return connection.read_response()
+        except self._errors as exc:
+            connection.disconnect()  # type: ignore[no-untyped-call]
+            raise RedisDown(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            pool.release(connection)
 
     def command(self, *args: Any) -> Any:
         """One plain command."""
@@ -303,11 +340,15 @@ class SharedDispatcher(Dispatcher):
         self.state_settings = settings
         self.states = states
         self.table = SharedTable(settings, worker or worker_id())
+        self._names = "\n".join(states)
         self.reachable = False
         self.down_since: float | None = time.monotonic()
         self.last_error = "not connected yet"
         self._grants: dict[str, list[Any]] = {}     # waiter id -> [event, endpoint name]
         self._listener: Any = None
+        self._released: list[str] = []             # ep, id, ep, id... not yet in Redis
+        self._released_lock = threading.Lock()
+        self._flush_due = False
         self._stopping = False
         if not self.connect():
             log.warning("shared state: Redis at %s unreachable at start (%s): each worker "
@@ -368,8 +409,8 @@ class SharedDispatcher(Dispatcher):
             return super().acquire(key, eligible, request_id, wait)
         # A slot now only where this worker sees the endpoint usable; once queued, any of
         # them, as the shared capacity (published by every worker's probes) allows.
-        usable = json.dumps([s.endpoint.name for s in eligible if _usable(s)])
-        names = json.dumps([s.endpoint.name for s in eligible])
+        usable = "\n".join(s.endpoint.name for s in eligible if _usable(s))
+        names = "\n".join(s.endpoint.name for s in eligible)
         lease_id = new_id()
         # Registered before the request is queued: a grant may arrive before the reply.
         grant: list[Any] = [threading.Event(), None]
@@ -378,7 +419,8 @@ class SharedDispatcher(Dispatcher):
             try:
                 verdict, endpoint, reclaimed = self.table.run(
                     "acquire", key, self.settings.max_size, self.table.worker, request_id,
-                    lease_id, int(self.settings.timeout * 1000), usable, names)
+                    lease_id, int(self.settings.timeout * 1000), usable, names,
+                    *self._take_released())
             except RedisDown as exc:
                 self._down(exc)
                 return super().acquire(key, eligible, request_id, wait)
@@ -457,12 +499,36 @@ class SharedDispatcher(Dispatcher):
         self._release_shared(state.endpoint.name, lease_id)
 
     def _release_shared(self, endpoint: str, lease_id: str) -> None:
+        """Tell Redis a lease ended, off the request's path: the next acquire takes it
+        along (one round trip for both), or a flush RELEASE_DELAY later does, whichever
+        comes first; either hands the slot on to the oldest waiter."""
         if not self.reachable:
             return  # the lease expires there; counted again when Redis is back
-        try:
-            self._log_reclaimed(self.table.run("release", endpoint, lease_id))
-        except RedisDown as exc:
-            self._down(exc)
+        with self._released_lock:
+            self._released += (endpoint, lease_id)
+            if self._flush_due:
+                return
+            self._flush_due = True
+        from .concurrency import later
+
+        later(RELEASE_DELAY, self.settle)
+
+    def _take_released(self) -> list[str]:
+        with self._released_lock:
+            taken, self._released = self._released, []
+            return taken
+
+    def settle(self) -> None:
+        """Send Redis the leases given back and not yet told (the delayed flush; also
+        for tests and shutdown)."""
+        with self._released_lock:
+            self._flush_due = False
+        released = self._take_released()
+        if released and self.reachable:
+            try:
+                self._log_reclaimed(self.table.run("release", *released))
+            except RedisDown as exc:
+                self._down(exc)
 
     def refresh(self, states: Iterable[EndpointState]) -> None:
         """Publish the probed endpoints' capacity (what this worker's health loop saw),
@@ -512,7 +578,8 @@ class SharedDispatcher(Dispatcher):
         args: list[str] = []
         for lease in self.book.live():
             args += [lease.endpoint, lease.id, lease.request_id]
-        self._log_reclaimed(self.table.run("renew", self.table.worker, mode, *args))
+        self._log_reclaimed(self.table.run("renew", self.table.worker, mode, self._names,
+                                           *args))
 
     def _log_reclaimed(self, reclaimed: Iterable[Any]) -> None:
         for entry in reclaimed or ():
@@ -570,7 +637,7 @@ class SharedDispatcher(Dispatcher):
         names = [s.endpoint.name for s in self.states.values()]
         try:
             now, in_use, waiting, flat, oldest, reclaimed = self.table.run(
-                "snapshot", json.dumps(names))
+                "snapshot", self._names)
         except RedisDown as exc:
             self._down(exc)
             return local

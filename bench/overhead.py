@@ -338,7 +338,11 @@ def running_stack(shape: StreamShape, log: Log) -> Iterator[Stack]:
         log(f"fake upstream at {fake.url}")
         nginx = Nginx(fake.port).start()
         log(f"nginx (deploy/nginx.conf) at {nginx.url}")
-        proxy = Proxy({"endpoints": [{"url": fake.url, "name": "fake", "type": "llamacpp"}]},
+        # Assembly off: the fake answers a plain request at once but streams at 20 ms a
+        # token, which llama.cpp does not (both take the same generation time there); the
+        # assembled path's own cost is measured by `python -m bench.shared` (asm-c1).
+        proxy = Proxy({"proxy": {"assemble_non_streamed": False},
+                       "endpoints": [{"url": fake.url, "name": "fake", "type": "llamacpp"}]},
                       env={"OLLA_WORKERS": "1"})
         proxy.start()
         stack = Stack(fake, nginx, proxy)

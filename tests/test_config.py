@@ -637,3 +637,46 @@ def test_timeouts_default_from_proxy_and_override_per_endpoint() -> None:
     assert settings.proxy.sse_keepalive == 10.0
     assert (settings.proxy.queue.max_size, settings.proxy.queue.timeout) == (8, 5.0)
     assert settings.proxy.load_balancer == "least-busy"
+
+
+def test_state_defaults_and_keys() -> None:
+    state = settings_from_mapping({}, environ={}).state
+    assert (state.redis_url, state.key_prefix, state.lease_ttl) == (None, "olla", 8.0)
+    loaded = settings_from_mapping({"state": {
+        "redis_url": "rediss://:${PW}@cache:6380/1", "key_prefix": "lab-a", "lease_ttl": "5s"}},
+        environ={"PW": "s3cret"}).state
+    assert loaded.redis_url == "rediss://:s3cret@cache:6380/1"
+    assert (loaded.key_prefix, loaded.lease_ttl) == ("lab-a", 5.0)
+
+
+def test_olla_redis_url_wins_over_the_file() -> None:
+    environ = {"OLLA_REDIS_URL": "unix:///run/redis/redis.sock"}
+    assert settings_from_mapping({"state": {"redis_url": "redis://a:1/0"}},
+                                 environ=environ).state.redis_url == environ["OLLA_REDIS_URL"]
+    assert settings_from_mapping({}, environ={"OLLA_REDIS_URL": ""}).state.redis_url is None
+
+
+@pytest.mark.parametrize(("raw", "key"), [
+    ({"state": {"redis_url": "http://cache:6379"}}, "state.redis_url"),
+    ({"state": {"lease_ttl": "500ms"}}, "state.lease_ttl"),
+    ({"state": {"key_prefix": "has space"}}, "state.key_prefix"),
+    ({"state": {"nope": 1}}, "state.nope"),
+    ({"proxy": {"write_timeout": 0}}, "proxy.write_timeout"),
+    ({"proxy": {"assemble_non_streamed": "yes"}}, "proxy.assemble_non_streamed"),
+])
+def test_bad_state_and_proxy_keys_stop_start_up(raw: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        settings_from_mapping(raw, environ={})
+
+
+def test_an_environment_redis_url_that_is_not_redis_stops_start_up() -> None:
+    with pytest.raises(ConfigError, match="OLLA_REDIS_URL"):
+        settings_from_mapping({}, environ={"OLLA_REDIS_URL": "http://cache:6379"})
+
+
+def test_write_timeout_and_assembly_settings() -> None:
+    proxy = settings_from_mapping({"proxy": {"write_timeout": "2m",
+                                             "assemble_non_streamed": False}}, environ={}).proxy
+    assert (proxy.write_timeout, proxy.assemble_non_streamed) == (120.0, False)
+    default = settings_from_mapping({}, environ={}).proxy
+    assert (default.write_timeout, default.assemble_non_streamed) == (60.0, True)

@@ -112,6 +112,7 @@ def test_the_slot_table_is_fleet_wide(workers: list[Worker], redis_url: str) -> 
     assert waiter.lease is not None and waiter.got_at is not None
     assert waiter.got_at - released < 0.05             # ...and the waiter has it at once
     assert one["a"].in_flight == 2 and two["a"].in_flight == 0
+    two.d.settle()
     assert one.d.snapshot().in_use == {"a": 2} and one.d.snapshot().depth == 0
 
 
@@ -231,8 +232,10 @@ def test_renewal_never_brings_back_a_released_lease(workers: list[Worker],
                                                     redis_url: str) -> None:
     one = make(workers, redis_url, slots={"a": 1})
     lease = one.acquire()
+    one.d._renew("XX")             # a renewal racing the release on its way to Redis
     one.d.release(lease)
     one.d._renew("XX")
+    one.d.settle()
     assert one.d.snapshot().in_use == {"a": 0}
 
 
@@ -257,6 +260,7 @@ def test_redis_down_falls_back_to_a_share_and_rejoins(workers: list[Worker], red
     assert one.d.snapshot().in_use == {"a": 1}
     assert [lease.id for lease in one.d.book.live()] == [first.id]
     one.d.release(first)
+    one.d.settle()
     assert one.d.snapshot().in_use == {"a": 0} and one["a"].in_flight == 0
 
 
@@ -295,3 +299,14 @@ def test_an_unroutable_endpoint_gets_no_grant(workers: list[Worker], redis_url: 
     one.d.refresh([one["b"]])
     wait_for(lambda: waiter.lease is not None)
     assert waiter.lease is not None and waiter.lease.state is one["b"]
+
+
+def test_leases_given_back_together_reach_redis_in_one_go(workers: list[Worker],
+                                                          redis_url: str) -> None:
+    one = make(workers, redis_url, slots={"a": 8})
+    leases = [one.acquire() for _ in range(8)]
+    for lease in leases:
+        one.d.release(lease)
+    assert one["a"].in_flight == 0           # at once, locally
+    one.d.settle()
+    assert one.d.snapshot().in_use == {"a": 0}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import threading
@@ -178,8 +179,10 @@ def test_two_masters_share_one_redis(start_proxy: Callable[..., Proxy], server: 
     idle(one, server)
     count, n_predict = 8, 24
     seen_in_use: list[int] = []
+    scraped: list[float] = []
     with Sampler(server.metrics) as llama, \
-            Sampler(lambda: seen_in_use.append(endpoint(two)["slots_in_use"])):
+            Sampler(lambda: seen_in_use.append(endpoint(two)["slots_in_use"])), \
+            Sampler(lambda: scraped.append(slots_in_use_metric(two))):
         start = time.monotonic() + 0.1
         with ThreadPoolExecutor(max_workers=count) as pool:
             outcomes = list(pool.map(
@@ -189,11 +192,20 @@ def test_two_masters_share_one_redis(start_proxy: Callable[..., Proxy], server: 
     deferred = max(s["requests_deferred"] for s in llama.samples)
     assert deferred == 0, "two proxy hosts together oversubscribed llama.cpp"
     assert max(seen_in_use) == SLOTS   # `two` also counts the slots `one` holds
+    assert max(scraped) == SLOTS       # and so does its /internal/metrics
     FIGURES["two_masters"] = {"requests": count, "max_requests_deferred": deferred}
     idle(one, server)
     idle(two, server)
     one.stop()
     two.stop()
+
+
+def slots_in_use_metric(proxy: Proxy) -> float:
+    """``olla_endpoint_slots_in_use`` as one scrape of ``proxy`` says."""
+    text = requests.get(proxy.url + "/internal/metrics", timeout=5).text
+    found = re.search(r'^olla_endpoint_slots_in_use\{endpoint="llama"\} (\S+)$', text, re.M)
+    assert found is not None, text[-2000:]
+    return float(found.group(1))
 
 
 def lease_owners(store: RedisServer) -> list[int]:
