@@ -5,9 +5,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_AT_ONCE = 16
@@ -62,3 +65,37 @@ def later(seconds: float, function: Callable[[], Any]) -> None:
     timer = threading.Timer(seconds, function)
     timer.daemon = True
     timer.start()
+
+
+class Repeating:
+    """Calls ``function`` every ``interval`` seconds in a greenlet of its own until
+    stopped; one round that raises is logged, and the next one runs as usual."""
+
+    def __init__(self, function: Callable[[], Any], interval: float, what: str) -> None:
+        self.function = function
+        self.interval = interval
+        self.what = what
+        self._greenlet: Any = None
+
+    def start(self) -> None:
+        """Spawn the loop (from wsgi.py or a gunicorn hook, after gevent patched)."""
+        import gevent
+
+        if self._greenlet is None:
+            self._greenlet = gevent.spawn(self._run)
+
+    def _run(self) -> None:
+        import gevent
+
+        while True:
+            try:
+                self.function()
+            except Exception:  # the loop must outlive any one bad round
+                log.exception("%s failed", self.what)
+            gevent.sleep(self.interval)
+
+    def stop(self) -> None:
+        """Kill the loop."""
+        if self._greenlet is not None:
+            self._greenlet.kill()
+            self._greenlet = None

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .concurrency import each
+from .concurrency import Repeating, each
 from .config import Endpoint
 from .errors import UpstreamError
 from .registry import EndpointState, Registry, Status
@@ -204,7 +204,7 @@ def _own_requests(state: EndpointState) -> int:
     return state.in_flight
 
 
-class HealthLoop:
+class HealthLoop(Repeating):
     """Runs ``check_once`` forever in a gevent greenlet (one per gunicorn worker).
     ``on_change(states)`` hears of every round that probed something (capacity or health
     may have changed: waiters can be dispatched)."""
@@ -212,34 +212,13 @@ class HealthLoop:
     def __init__(self, registry: Registry, tick: float = 0.25,
                  on_change: Callable[[list[EndpointState]], None] | None = None,
                  in_use: InUse | None = None) -> None:
+        super().__init__(self.round, tick, "health check")
         self.registry = registry
-        self.tick = tick
         self.on_change = on_change
         self.in_use = in_use
-        self._greenlet: Any = None
 
-    def start(self) -> None:
-        """Spawn the loop (from wsgi.py or a gunicorn hook, after gevent patched)."""
-        import gevent
-
-        if self._greenlet is None:
-            self._greenlet = gevent.spawn(self._run)
-
-    def _run(self) -> None:
-        import gevent
-
-        while True:
-            try:
-                probed = check_once(self.registry, in_use=self.in_use)
-                if probed and self.on_change is not None:
-                    self.on_change([self.registry.states[name] for name in probed])
-            except Exception:  # the loop must outlive any one bad probe
-                log.exception("health check failed")
-            gevent.sleep(self.tick)
-
-    def stop(self) -> None:
-        """Kill the loop."""
-        if self._greenlet is not None:
-            self._greenlet.kill()
-            self._greenlet = None
-
+    def round(self) -> None:
+        """Probe what is due; tell ``on_change`` what was probed."""
+        probed = check_once(self.registry, in_use=self.in_use)
+        if probed and self.on_change is not None:
+            self.on_change([self.registry.states[name] for name in probed])

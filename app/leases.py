@@ -25,7 +25,7 @@ def new_id() -> str:
     return os.urandom(8).hex()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True, weakref_slot=True)
 class Lease:
     """One slot held on one endpoint by one request."""
 
@@ -46,7 +46,7 @@ class Lease:
         return self.state.endpoint.name
 
 
-@dataclass
+@dataclass(slots=True)
 class Held:
     """What the book keeps of a lease: enough to reclaim it once its holder is gone."""
 

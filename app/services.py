@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from flask import Flask, current_app
 
 from .balancer import make_balancer
+from .concurrency import Repeating
 from .config import WORKER_COUNT_ENV, Settings
 from .dispatch import Dispatcher
 from .health import HealthLoop
@@ -20,8 +19,6 @@ from .registry import Registry
 from .routing import Router
 from .stats import Exchange, Stats
 from .upstream import UpstreamPool
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,7 +41,7 @@ class Services:
         """Told about every finished proxied request."""
         return (self.stats.record, self.metrics.record)
 
-    renewer: Renewer
+    renewer: Repeating
 
     @classmethod
     def build(cls, settings: Settings, version: str, workers: int | None = None) -> Services:
@@ -69,8 +66,11 @@ class Services:
             dispatcher = Dispatcher(settings.proxy.queue, metrics, workers,
                                     settings.state.lease_ttl)
         health = HealthLoop(registry, on_change=dispatcher.refresh, in_use=dispatcher.in_use)
-        renewer = Renewer(dispatcher, settings.proxy.write_timeout,
-                          min(1.0, settings.state.lease_ttl / 4))
+        # The renewing greenlet: renews this worker's leases (in Redis too), reclaims
+        # dropped ones, cuts off clients whose writes stalled.
+        write_timeout = settings.proxy.write_timeout
+        renewer = Repeating(lambda: dispatcher.tick(write_timeout),
+                            min(1.0, settings.state.lease_ttl / 4), "lease renewal")
         return cls(settings, version, pool, registry, router, health, Stats(), dispatcher,
                    metrics, RequestLog(), renewer)
 
@@ -87,40 +87,6 @@ class Services:
         self.dispatcher.stop()
         self.health.stop()
         self.pool.close()
-
-
-class Renewer:
-    """The renewing greenlet: every ``interval`` it renews this worker's leases (in Redis
-    too), reclaims dropped ones and cuts off clients whose writes stalled."""
-
-    def __init__(self, dispatcher: Dispatcher, write_timeout: float, interval: float) -> None:
-        self.dispatcher = dispatcher
-        self.write_timeout = write_timeout
-        self.interval = interval
-        self._greenlet: Any = None
-
-    def start(self) -> None:
-        """Spawn the loop (after gevent patched)."""
-        import gevent
-
-        if self._greenlet is None:
-            self._greenlet = gevent.spawn(self._run)
-
-    def _run(self) -> None:
-        import gevent
-
-        while True:
-            try:
-                self.dispatcher.tick(self.write_timeout)
-            except Exception:  # the loop must outlive any one bad round
-                log.exception("lease renewal failed")
-            gevent.sleep(self.interval)
-
-    def stop(self) -> None:
-        """Kill the loop."""
-        if self._greenlet is not None:
-            self._greenlet.kill()
-            self._greenlet = None
 
 
 def services_of(app: Flask) -> Services:

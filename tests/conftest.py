@@ -83,9 +83,15 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    """A Redis URL with nothing in it yet."""
+def redis_store(redis_server: RedisServer) -> RedisServer:
+    """The run's redis-server, running and with nothing in it yet."""
     if redis_server.process is None or redis_server.process.poll() is not None:
         redis_server.start()  # a test stopped it
     redis_server.flush()
-    return redis_server.url
+    return redis_server
+
+
+@pytest.fixture
+def redis_url(redis_store: RedisServer) -> str:
+    """A Redis URL with nothing in it yet."""
+    return redis_store.url

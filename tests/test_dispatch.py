@@ -26,7 +26,7 @@ def dispatcher(max_size: int = 10, timeout: float = 5.0) -> Dispatcher:
     return Dispatcher(QueueSettings(max_size=max_size, timeout=timeout, retry_after=3))
 
 
-def wait_for(condition: object, seconds: float = 2.0) -> None:
+def wait_for(condition: object, seconds: float = 5.0) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if condition():  # type: ignore[operator]

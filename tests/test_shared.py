@@ -16,6 +16,7 @@ from app.metrics import Metrics
 from app.registry import EndpointState, Status
 from app.shared import SharedDispatcher, display_redis_url
 from tests.integration.procs import RedisServer
+from tests.test_dispatch import wait_for
 
 
 def endpoint(name: str, slots: int | None) -> EndpointState:
@@ -83,15 +84,6 @@ class Waiting(threading.Thread):
                 self.order.append(self.label)
         except BaseException as exc:  # recorded for the test
             self.error = exc
-
-
-def wait_for(condition: object, seconds: float = 5.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return
-        time.sleep(0.005)
-    raise AssertionError("condition not met")
 
 
 def test_the_slot_table_is_fleet_wide(workers: list[Worker], redis_url: str) -> None:

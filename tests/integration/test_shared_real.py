@@ -58,13 +58,10 @@ def server() -> Iterator[LlamaServer]:
         yield started["s"]
 
 
-@pytest.fixture(scope="module")
-def store() -> Iterator[RedisServer]:
-    started = RedisServer().start()
-    try:
-        yield started
-    finally:
-        started.stop()
+@pytest.fixture
+def store(redis_store: RedisServer) -> RedisServer:
+    """The run's real redis-server, empty (see tests/conftest.py)."""
+    return redis_store
 
 
 @pytest.fixture(scope="module", autouse=True)
