@@ -228,3 +228,39 @@ def test_api_key_from_config_reaches_llamacpp(start_proxy: Callable[..., Proxy],
     assert refused.status_code == direct.status_code == 401
     assert refused.content == direct.content
     assert refused.json()["error"]["type"] == "authentication_error"
+
+
+# What differs between two calls of the same request (llama.cpp's own, not the proxy's):
+# ids, clocks, and how much of the prompt the second call found in the cache.
+VOLATILE = {"id", "created", "timings", "system_fingerprint", "tokens_cached"}
+
+
+def steady(answer: dict[str, object]) -> dict[str, object]:
+    """An answer less what differs between two calls."""
+    out = {k: v for k, v in answer.items() if k not in VOLATILE}
+    if isinstance(out.get("usage"), dict):
+        out["usage"] = {k: v for k, v in out["usage"].items()  # type: ignore[union-attr]
+                        if k != "prompt_tokens_details"}
+    return out
+
+
+@pytest.mark.parametrize(("route", "body"), [
+    ("completion", {"prompt": "The capital of France is", "n_predict": 12, "n_probs": 2}),
+    ("v1/completions", {"model": CHAT_ALIAS, "prompt": "Once upon a time", "max_tokens": 10,
+                        "logprobs": 2}),
+    ("v1/chat/completions", {**CHAT, "model": CHAT_ALIAS, "max_tokens": 12}),
+])
+def test_assembled_answer_is_llamacpps_own(proxy: Proxy, llama_chat: LlamaServer, route: str,
+                                           body: dict[str, object]) -> None:
+    """A non-streamed generation through the proxy goes upstream as a stream; what the
+    client gets is what llama.cpp itself answers non-streamed (temperature 0, fixed seed)."""
+    fixed = {**body, "temperature": 0, "seed": 42}
+    own = requests.post(f"{llama_chat.url}/{route}", json=fixed, timeout=60)
+    through = post(proxy, route, fixed)
+    assert through.status_code == own.status_code == 200, through.text
+    assert through.headers["Content-Type"] == own.headers["Content-Type"]
+    assert "X-Accel-Buffering" not in through.headers
+    mine, theirs = through.json(), own.json()
+    assert list(mine) == list(theirs)  # the same fields in the same order
+    assert steady(mine) == steady(theirs)
+    assert set(mine.get("timings", {})) == set(theirs.get("timings", {}))

@@ -393,3 +393,13 @@ def test_a_non_streamed_client_that_leaves_frees_its_slot_within_1s(
     idle(proxy, server)
     assert time.monotonic() - gone < 30
     proxy.stop()
+
+
+def test_several_workers_without_redis_say_so(start_proxy: Callable[..., Proxy],
+                                              server: LlamaServer) -> None:
+    proxy = start_proxy({"endpoints": [{"url": server.url, "name": "llama"}]},
+                        extra_args=["--workers", "2"])
+    assert "set state.redis_url (or OLLA_REDIS_URL)" in proxy.log()
+    shared = status(proxy)["shared_state"]
+    assert shared["backend"] == "local" and shared["workers"] == 2 and shared["local_share"]
+    proxy.stop()
