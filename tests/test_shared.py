@@ -9,22 +9,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from app.config import Endpoint, QueueSettings, StateSettings
+from app.config import QueueSettings, StateSettings
 from app.errors import ClientDisconnected, SlotsExhausted
 from app.leases import Lease
 from app.metrics import Metrics
 from app.registry import EndpointState, Status
 from app.shared import SharedDispatcher, display_redis_url
 from tests.integration.procs import RedisServer
-from tests.test_dispatch import wait_for
-
-
-def endpoint(name: str, slots: int | None) -> EndpointState:
-    state = EndpointState(Endpoint(name=name, url=f"http://{name}.test"))
-    state.status = Status.HEALTHY
-    if slots is not None:
-        state.props = {"total_slots": slots}
-    return state
+from tests.test_dispatch import endpoint, wait_for
 
 
 class Worker:
