@@ -196,7 +196,7 @@ def test_a_dead_workers_leases_and_waiters_are_reclaimed(workers: list[Worker],
 
 def test_a_dead_workers_waiters_are_dropped(workers: list[Worker], redis_url: str) -> None:
     one = make(workers, redis_url, slots={"a": 1}, ttl=1.0)
-    dead = make(workers, redis_url, slots={"a": 1}, ttl=1.0)
+    dead = make(workers, redis_url, slots={"a": 1}, ttl=1.0, timeout=2.0)
     held = one.acquire()
     dead.d.tick()
     stranded = Waiting(dead)
@@ -210,6 +210,8 @@ def test_a_dead_workers_waiters_are_dropped(workers: list[Worker], redis_url: st
     wait_for(lambda: one.d.snapshot().depth >= 1)
     one.d.release(held)
     wait_for(lambda: waiter.lease is not None)   # not handed to the dead worker's waiter
+    stranded.join(5)                             # its own timeout ends it
+    assert stranded.lease is None
 
 
 def test_renewal_never_brings_back_a_released_lease(workers: list[Worker],
