@@ -17,7 +17,13 @@ except ConfigError as _exc:
     raise SystemExit(f"olla: {_exc}") from None
 
 bind = [f"{_settings.server.host}:{_settings.server.port}"]
-worker_class = "gevent"
+# gevent's worker, answering the errors gunicorn handles itself in the spec's JSON.
+worker_class = "app.worker.Worker"
+_limits = _settings.server.request_limits
+# server.request_limits.max_header_size: one header line, and the request line (gunicorn
+# caps that at 8190); beyond, 431 or 414 in JSON before the app sees the request.
+limit_request_field_size = _limits.max_header_size
+limit_request_line = min(_limits.max_header_size, 8190)
 workers = int(os.environ.get("OLLA_WORKERS", "1"))
 # One gevent worker holds at least this many open streams at once.
 worker_connections = 2000

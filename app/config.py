@@ -65,12 +65,27 @@ CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key"})
 
 
 @dataclass(frozen=True)
+class RequestLimits:
+    """What one request may be (``server.request_limits``); beyond: 4xx, nothing sent on."""
+
+    max_body_size: int = 100 * MIB       # bytes; 413 beyond
+    max_header_size: int = 8190          # bytes of one header line (and the request line)
+    max_json_depth: int = 100            # nesting of objects and lists; 400 beyond
+    max_list_items: int = 262144         # items of messages, prompt, input, tokens, content
+
+
+@dataclass(frozen=True)
 class ServerSettings:
     """Where the proxy listens and what it accepts."""
 
     host: str = "localhost"
     port: int = 40114
-    max_body_size: int = 100 * MIB
+    request_limits: RequestLimits = field(default_factory=RequestLimits)
+
+    @property
+    def max_body_size(self) -> int:
+        """The largest body accepted (bytes)."""
+        return self.request_limits.max_body_size
 
 
 @dataclass(frozen=True)
@@ -199,7 +214,11 @@ class Strict(Schema):
 
 class RequestLimitsSchema(Strict):
     max_body_size = fields.Integer(strict=True, validate=validate.Range(min=1))
-    max_header_size = fields.Integer(strict=True, validate=validate.Range(min=1))
+    # gunicorn's own bounds for a header line: at least 1 KiB, at most 8190 for the
+    # request line (its limit_request_line cap).
+    max_header_size = fields.Integer(strict=True, validate=validate.Range(min=1024))
+    max_json_depth = fields.Integer(strict=True, validate=validate.Range(min=2))
+    max_list_items = fields.Integer(strict=True, validate=validate.Range(min=1))
 
 
 class ServerSchema(Strict):
@@ -406,13 +425,9 @@ def settings_from_mapping(raw: Mapping[str, Any] | None,
     except ValidationError as exc:
         raise ConfigError("invalid configuration: " + "; ".join(_flatten(exc.messages))) from exc
 
-    server_raw = data.get("server", {})
-    limits = server_raw.get("request_limits", {})
-    server = ServerSettings(
-        host=server_raw.get("host", ServerSettings.host),
-        port=server_raw.get("port", ServerSettings.port),
-        max_body_size=limits.get("max_body_size", ServerSettings.max_body_size),
-    )
+    server_raw = dict(data.get("server", {}))
+    server = ServerSettings(request_limits=RequestLimits(**server_raw.pop("request_limits", {})),
+                            **server_raw)
     proxy_raw = dict(data.get("proxy", {}))
     proxy = ProxySettings(queue=QueueSettings(**proxy_raw.pop("queue", {})), **proxy_raw)
     endpoint_list = data.get("endpoints")

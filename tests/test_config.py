@@ -680,3 +680,21 @@ def test_write_timeout_and_assembly_settings() -> None:
     assert (proxy.write_timeout, proxy.assemble_non_streamed) == (120.0, False)
     default = settings_from_mapping({}, environ={}).proxy
     assert (default.write_timeout, default.assemble_non_streamed) == (60.0, True)
+
+
+def test_request_limits_defaults_and_keys() -> None:
+    limits = settings_from_mapping({}, environ={}).server.request_limits
+    assert (limits.max_body_size, limits.max_header_size, limits.max_json_depth,
+            limits.max_list_items) == (100 * MIB, 8190, 100, 262144)
+    loaded = settings_from_mapping({"server": {"request_limits": {
+        "max_body_size": 1000, "max_header_size": 4096, "max_json_depth": 20,
+        "max_list_items": 50}}}, environ={}).server.request_limits
+    assert (loaded.max_body_size, loaded.max_header_size, loaded.max_json_depth,
+            loaded.max_list_items) == (1000, 4096, 20, 50)
+
+
+@pytest.mark.parametrize(("key", "value"), [("max_header_size", 100), ("max_json_depth", 1),
+                                            ("max_list_items", 0), ("max_body_size", "1MB")])
+def test_bad_request_limits_stop_start_up(key: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=f"server.request_limits.{key}"):
+        settings_from_mapping({"server": {"request_limits": {key: value}}}, environ={})

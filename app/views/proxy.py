@@ -17,6 +17,7 @@ from ..errors import InvalidRequest, MethodNotAllowed, RouteNotFound
 from ..forward import BACKEND_TYPE, Forward
 from ..forward import Request as ForwardRequest
 from ..guard import FORWARD_KEY
+from ..payload import parse
 from ..services import services
 
 bp = Blueprint("proxy", __name__)
@@ -112,24 +113,6 @@ def _route(prefix: str, subpath: str) -> Route:
     return route
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _parse(body: bytes) -> dict[str, Any]:
-    """The JSON object in the body, whatever the Content-Type (as llama.cpp does)."""
-    if not body.strip():
-        raise InvalidRequest("Invalid request: the body must be a JSON object")
-    try:
-        payload = json.loads(body, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"Invalid JSON body: {exc}") from exc
-    if not isinstance(payload, dict):
-        raise InvalidRequest("Invalid request: the body must be a JSON object, not "
-                             f"{type(payload).__name__ if payload is not None else 'null'}")
-    return payload
-
-
 @bp.route("/olla/<prefix>/", methods=_ALL_METHODS, defaults={"subpath": ""})
 @bp.route("/olla/<prefix>/<path:subpath>", methods=_ALL_METHODS)
 def proxy(prefix: str, subpath: str) -> Response:
@@ -138,7 +121,7 @@ def proxy(prefix: str, subpath: str) -> Response:
     if route.schema is None:
         return _list_models()
     body = request.get_data(cache=False)
-    payload = _parse(body)
+    payload = parse(body, services().settings.server.request_limits)
     errors = schemas.check(route.schema, payload)
     if errors:
         raise InvalidRequest(schemas.validation_message(errors))

@@ -1,0 +1,119 @@
+"""Hostile and odd clients over raw sockets, against the proxy under real gunicorn: every
+answer in the spec's JSON envelope, bounded, and the worker still serves the next request."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Callable, Iterator
+
+import pytest
+import requests
+
+from .procs import Proxy
+
+pytestmark = pytest.mark.integration
+
+HEADER_LIMIT = 2048
+
+
+@pytest.fixture(scope="module")
+def proxy(start_proxy: Callable[..., Proxy]) -> Iterator[Proxy]:
+    """A proxy with small request limits; its one endpoint is not there (no request here
+    needs an upstream)."""
+    yield start_proxy({
+        "server": {"request_limits": {"max_header_size": HEADER_LIMIT, "max_json_depth": 32,
+                                      "max_list_items": 1000, "max_body_size": 1_000_000}},
+        "endpoints": [{"url": "http://127.0.0.1:9", "name": "absent"}]})
+
+
+def exchange(proxy: Proxy, raw: bytes, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
+    """Send raw bytes, read the whole answer (the server closes, or Content-Length says)."""
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=timeout) as sock:
+        sock.sendall(raw)
+        data = b""
+        while True:
+            head, sep, rest = data.partition(b"\r\n\r\n")
+            if sep:
+                lines = head.decode("latin-1").split("\r\n")
+                headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+                length = int(headers.get("Content-Length", "-1"))
+                if 0 <= length <= len(rest):
+                    return int(lines[0].split()[1]), headers, rest[:length]
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    return (int(lines[0].split()[1]),
+            dict(line.split(": ", 1) for line in lines[1:] if ": " in line), rest)
+
+
+def envelope(body: bytes) -> dict[str, str]:
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "code"}
+    return error  # type: ignore[no-any-return]
+
+
+def still_serves(proxy: Proxy) -> None:
+    assert requests.get(proxy.url + "/internal/health", timeout=5).status_code == 200
+
+
+def test_a_header_over_the_limit_is_431_json(proxy: Proxy) -> None:
+    raw = (b"GET /internal/health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (HEADER_LIMIT + 100)
+           + b"\r\n\r\n")
+    status, headers, body = exchange(proxy, raw)
+    assert status == 431 and headers["Content-Type"] == "application/json"
+    assert envelope(body)["code"] == "headers_too_large"
+    still_serves(proxy)
+
+
+def test_a_request_line_over_the_limit_is_414_json(proxy: Proxy) -> None:
+    raw = b"GET /olla/" + b"a" * (HEADER_LIMIT + 100) + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    status, _, body = exchange(proxy, raw)
+    assert status == 414 and envelope(body)["code"] == "request_line_too_long"
+    still_serves(proxy)
+
+
+@pytest.mark.parametrize("raw", [b"NOT A REQUEST\r\n\r\n", b"GET / HTTP/9.9\r\nHost: x\r\n\r\n",
+                                 b"GET / HTTP/1.1\r\nBad Header\r\n\r\n"])
+def test_a_malformed_request_is_400_json(proxy: Proxy, raw: bytes) -> None:
+    status, headers, body = exchange(proxy, raw)
+    assert status == 400 and headers["Content-Type"] == "application/json"
+    assert envelope(body)["type"] == "invalid_request_error"
+    still_serves(proxy)
+
+
+@pytest.mark.parametrize(("path", "method", "status"), [
+    ("/nowhere", "GET", 404), ("/internal/status", "POST", 405),
+    ("/olla/llamacpp/completion", "GET", 405), ("/olla/nope/completion", "POST", 404)])
+def test_flasks_own_errors_are_json(proxy: Proxy, path: str, method: str, status: int) -> None:
+    response = requests.request(method, proxy.url + path, timeout=5)
+    assert response.status_code == status
+    assert response.headers["Content-Type"] == "application/json"
+    envelope(response.content)
+
+
+def test_a_body_over_the_limit_is_413_json(proxy: Proxy) -> None:
+    response = requests.post(proxy.url + "/olla/llamacpp/completion",
+                             data=b'{"prompt": "' + b"x" * 1_100_000 + b'"}', timeout=10)
+    assert response.status_code == 413
+    assert envelope(response.content)["code"] == "request_too_large"
+    still_serves(proxy)
+
+
+@pytest.mark.parametrize(("body", "code"), [
+    (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "too_deep"),
+    (b'{"prompt": ' + b"[" * 40 + b"]" * 40 + b"}", "too_deep"),
+    (b'{"prompt": "x", "repeat_penalty": 1e400}', "invalid_parameter"),
+    (b'{"prompt": "\\ud800"}', "invalid_parameter"),
+    (b'{"prompt": "caf\xe9"}', "invalid_parameter"),
+    (json.dumps({"prompt": list(range(1001))}).encode(), "too_many_items"),
+])
+def test_odd_bodies_are_400_json_without_reaching_upstream(proxy: Proxy, body: bytes,
+                                                           code: str) -> None:
+    response = requests.post(proxy.url + "/olla/llamacpp/completion", data=body, timeout=10)
+    assert response.status_code == 400, response.text[:300]
+    assert envelope(response.content)["code"] == code
+    still_serves(proxy)
