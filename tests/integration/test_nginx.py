@@ -8,8 +8,10 @@ would not arrive while the upstream holds, and the test fails after a bounded wa
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -174,3 +176,32 @@ def test_validation_error_is_relayed_as_json(stack: Stack) -> None:
         request_id = response.headers["X-Olla-Request-Id"]
         assert len(request_id) == 32
         assert all(c in "0123456789abcdef" for c in request_id)
+
+
+def get_from(source: str, url: str) -> tuple[int, str, bytes]:
+    """GET ``url`` with the connection's source address ``source`` (another loopback
+    address stands for a host that is not this one)."""
+    host, port = url.removeprefix("http://").split("/", 1)[0].split(":")
+    path = "/" + url.removeprefix("http://").split("/", 1)[1]
+    with socket.create_connection((host, int(port)), timeout=10,
+                                  source_address=(source, 0)) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    content_type = next((line.split(": ", 1)[1] for line in lines[1:]
+                         if line.lower().startswith("content-type:")), "")
+    return int(lines[0].split()[1]), content_type, body
+
+
+@pytest.mark.parametrize("path", ["/internal/status", "/internal/metrics",
+                                  "/internal/status/endpoints"])
+def test_internal_routes_are_for_this_host_only(stack: Stack, path: str) -> None:
+    assert get_from("127.0.0.1", stack.url + path)[0] == 200
+    status, content_type, body = get_from("127.0.0.2", stack.url + path)
+    assert status == 403 and content_type == "application/json"
+    assert json.loads(body)["error"]["code"] == "forbidden"
+    # The proxy's own routes stay open to other hosts.
+    assert get_from("127.0.0.2", stack.url + "/olla/llamacpp/v1/models")[0] == 200
