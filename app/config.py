@@ -159,6 +159,7 @@ class Settings:
     state: StateSettings = field(default_factory=StateSettings)
     log_level: str = "info"
     log_format: str = "text"
+    log_output: str = "stderr"           # stdout, stderr or a file path
 
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -307,7 +308,8 @@ class StateSchema(Strict):
 class LoggingSchema(Strict):
     level = fields.String(validate=validate.OneOf(["debug", "info", "warning", "error"]))
     format = fields.String(validate=validate.OneOf(["text", "json"]))
-    output = fields.String(validate=validate.Equal("stdout"))
+    # stdout, stderr, or a file path (appended to; reopened when logrotate moves it)
+    output = fields.String(validate=validate.Length(min=1))
 
 
 class ConfigSchema(Strict):
@@ -454,6 +456,7 @@ def settings_from_mapping(raw: Mapping[str, Any] | None,
         state=_state(data.get("state", {}), environ),
         log_level=logging_raw.get("level", "info"),
         log_format=logging_raw.get("format", "text"),
+        log_output=logging_raw.get("output", Settings.log_output),
     )
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
+import re
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +38,7 @@ def configure(settings: Settings) -> None:
     logger.setLevel(settings.log_level.upper())
     if logger.handlers:
         return
-    handler = logging.StreamHandler()
+    handler = _handler(settings.log_output)
     if settings.log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
@@ -43,6 +46,15 @@ def configure(settings: Settings) -> None:
             "%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger.addHandler(handler)
     logger.propagate = False
+
+
+def _handler(output: str) -> logging.Handler:
+    """Where ``logging.output`` says: stdout, stderr, or a file (reopened when moved)."""
+    if output == "stdout":
+        return logging.StreamHandler(sys.stdout)
+    if output == "stderr":
+        return logging.StreamHandler(sys.stderr)
+    return logging.handlers.WatchedFileHandler(output, encoding="utf-8")
 
 
 class RequestLog:
@@ -82,6 +94,12 @@ class RequestLog:
         self.exchange(exchange, exchange.request_id, exchange.status)
 
 
+_PLAIN = re.compile(r"[A-Za-z0-9._:@/+\-()]+")
+
+
 def _text(value: Any) -> str:
+    """A value as one ``key=value`` field: as it is when plain, otherwise JSON-quoted, so
+    a client cannot forge or split fields (spaces, quotes, ``=``, control characters and
+    newlines are escaped)."""
     text = str(value)
-    return json.dumps(text) if (not text or " " in text or '"' in text) else text
+    return text if _PLAIN.fullmatch(text) else json.dumps(text)

@@ -181,7 +181,8 @@ class FleetCollector(Collector):
 
 
 def reexported(states: Iterable[EndpointState]) -> Iterator[Metric]:
-    """Each endpoint's ``llamacpp:*`` families, merged, with an ``endpoint`` label."""
+    """Each endpoint's ``llamacpp:*`` families (and nothing else it sends), merged, with an
+    ``endpoint`` label."""
     families: dict[str, Metric] = {}
     for state in states:
         text = state.metrics_text
@@ -193,6 +194,8 @@ def reexported(states: Iterable[EndpointState]) -> Iterator[Metric]:
             log.debug("unparseable /metrics from %s: %s", state.endpoint.name, exc)
             continue
         for family in parsed:
+            if not family.name.startswith("llamacpp:"):
+                continue  # an upstream cannot add series of ours (olla_*) or anyone's
             merged = families.get(family.name)
             if merged is None:
                 merged = families[family.name] = Metric(family.name, family.documentation,

@@ -135,3 +135,19 @@ def test_unknown_paths_share_one_route_label(client: FlaskClient) -> None:
     assert value(found, "olla_requests_total", endpoint="", model="", route="(other)",
                  status="404") == 5
     assert not any("scan-" in dict(labels).get("route", "") for _, labels in found)
+
+
+def test_only_llamacpp_families_are_reexported() -> None:
+    from app.config import Endpoint
+    from app.metrics import reexported
+    from app.registry import EndpointState
+
+    state = EndpointState(Endpoint(name="evil", url="http://evil.test"))
+    state.metrics_text = ("# TYPE olla_requests_total counter\nolla_requests_total 1e9\n"
+                          "# TYPE process_cpu_seconds_total counter\n"
+                          "process_cpu_seconds_total 5\n"
+                          "# TYPE llamacpp:requests_processing gauge\n"
+                          "llamacpp:requests_processing 1\n")
+    families = list(reexported([state]))
+    assert [f.name for f in families] == ["llamacpp:requests_processing"]
+    assert families[0].samples[0].labels == {"endpoint": "evil"}
