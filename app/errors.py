@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
 
 from flask import Flask, Response
 from werkzeug.exceptions import HTTPException
@@ -27,10 +26,6 @@ class ProxyError(Exception):
         if code is not None:
             self.code = code
 
-    def body(self) -> dict[str, Any]:
-        """The JSON envelope for this error."""
-        return {"error": {"message": self.message, "type": self.type, "code": self.code}}
-
 
 class InvalidRequest(ProxyError):
     status = 400
@@ -48,12 +43,6 @@ class MethodNotAllowed(ProxyError):
     status = 405
     type = "invalid_request_error"
     code = "method_not_allowed"
-
-
-class PayloadTooLarge(ProxyError):
-    status = 413
-    type = "invalid_request_error"
-    code = "request_too_large"
 
 
 class ModelNotFound(ProxyError):

@@ -17,7 +17,6 @@ from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
-from requests.cookies import RequestsCookieJar
 from requests.structures import CaseInsensitiveDict
 from urllib3.connection import HTTPConnection
 from urllib3.exceptions import HTTPError as Urllib3HTTPError
@@ -31,8 +30,10 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
     "te", "trailer", "trailers", "transfer-encoding", "upgrade",
 })
-# Not forwarded upstream: recomputed by requests or meaningless to the upstream.
-_NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect"}
+# Not forwarded upstream: recomputed by requests or meaningless to the upstream; and the
+# client's Accept-Encoding, since the proxy adds SSE comments and error events to streams
+# and must read what it relays (upstream requests ask for identity encoding).
+_NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect", "accept-encoding"}
 # Not relayed back: recomputed by the WSGI server, or ours to set.
 _NOT_RELAYED = HOP_BY_HOP | {"content-length", "server", "date"}
 POOL_SIZE = 1024
@@ -55,6 +56,7 @@ def request_headers(inbound: Mapping[str, str], endpoint: Endpoint) -> dict[str,
     if endpoint.sends_credentials:
         drop = drop | CREDENTIAL_HEADERS
     out = {k: v for k, v in inbound.items() if k.lower() not in drop}
+    out["Accept-Encoding"] = "identity"
     out.update(endpoint.headers)
     return out
 
@@ -210,35 +212,15 @@ def _prepare(method: str, url: str, headers: Mapping[str, str] | None,
     return prepared
 
 
-class _NoCookies(RequestsCookieJar):
-    """The pool is shared by every client: a cookie an upstream sets must never ride along
-    on another client's request (and parsing them costs time)."""
-
-    def extract_cookies(self, response: Any, request: Any) -> None:
-        return None
-
-    def set_cookie(self, cookie: Any, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
 class UpstreamPool:
-    """One pooled session per endpoint, with explicit (connect, read) timeouts."""
+    """One pool of keep-alive connections per endpoint (requests' transport adapter, called
+    directly: no session-level cookies, default headers or environment proxies, which a
+    proxy shared by every client must not have), with explicit (connect, read) timeouts."""
 
     def __init__(self, endpoints: tuple[Endpoint, ...], proxy: ProxySettings) -> None:
         self.timeout = (proxy.connection_timeout, proxy.read_timeout)
-        self._sessions: dict[str, requests.Session] = {}
-        self._adapters: dict[str, _Adapter] = {}
-        for endpoint in endpoints:
-            session = requests.Session()
-            adapter = _Adapter(pool_connections=1, pool_maxsize=POOL_SIZE, max_retries=0)
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-            self._adapters[endpoint.name] = adapter
-            session.trust_env = False
-            session.cookies = _NoCookies()
-            # No default User-Agent or Accept-Encoding: the upstream sees the client's own.
-            session.headers.clear()
-            self._sessions[endpoint.name] = session
+        self._adapters = {e.name: _Adapter(pool_connections=1, pool_maxsize=POOL_SIZE,
+                                           max_retries=0) for e in endpoints}
 
     def open(self, endpoint: Endpoint, method: str, path: str, *, body: bytes | None = None,
              headers: Mapping[str, str] | None = None,
@@ -272,6 +254,6 @@ class UpstreamPool:
             return upstream.status, None
 
     def close(self) -> None:
-        """Close every session."""
-        for session in self._sessions.values():
-            session.close()
+        """Close every pooled connection."""
+        for adapter in self._adapters.values():
+            adapter.close()

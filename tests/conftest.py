@@ -12,6 +12,7 @@ from flask.testing import FlaskClient
 
 from app import create_app
 from app.config import settings_from_mapping
+from app.services import services_of
 from tests.integration.procs import RedisServer
 
 CHAT_URL = "http://chat.test:8080"
@@ -48,15 +49,20 @@ def add_llamacpp(mock: responses.RequestsMock, url: str, model_id: str,
 
 
 @pytest.fixture
-def make_app() -> Callable[..., Flask]:
-    """Factory: an app from a config mapping (the YAML's structure)."""
+def make_app() -> Iterator[Callable[..., Flask]]:
+    """Factory: an app from a config mapping (the YAML's structure); every app made is
+    closed (its pooled connections, background work) after the test."""
+    made: list[Flask] = []
 
     def make(config: dict[str, Any] | None = None) -> Flask:
         app = create_app(settings_from_mapping(config or {}, environ={}))
         app.config["TESTING"] = True
+        made.append(app)
         return app
 
-    return make
+    yield make
+    for app in made:
+        services_of(app).close()
 
 
 @pytest.fixture

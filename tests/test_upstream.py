@@ -78,3 +78,13 @@ def test_closed_under_us_looks_through_wrappers(exc: BaseException, expected: bo
     wrapped = requests.ConnectionError(requests.packages.urllib3.exceptions.ProtocolError(
         "Connection aborted.", exc))
     assert _closed_under_us(wrapped) is expected
+
+
+def test_upstream_requests_ask_for_identity_encoding() -> None:
+    from app.config import Endpoint
+    from app.upstream import request_headers
+
+    sent = request_headers({"Accept-Encoding": "gzip, br", "X-Keep": "1"},
+                           Endpoint(name="a", url="http://a.test"))
+    assert sent["Accept-Encoding"] == "identity" and sent["X-Keep"] == "1"
+    assert [k for k in sent if k.lower() == "accept-encoding"] == ["Accept-Encoding"]
