@@ -336,6 +336,9 @@ class ConfigSchema(Strict):
             )
 
 
+# RFC 9110 field-name and field-value (Latin-1 at most, no CR, LF or other controls).
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HEADER_VALUE = re.compile(r"[ \t\x21-\x7e\x80-\xff]*")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -377,6 +380,14 @@ def _endpoint(raw: Mapping[str, Any], where: str, environ: Mapping[str, str],
         key: expand_env(value, f"{where}.headers.{key}", environ)
         for key, value in raw.get("headers", {}).items()
     }
+    for key, value in expanded.items():
+        # Named, never printed: the value is often a key, or comes from the environment.
+        if not _HEADER_NAME.fullmatch(key):
+            raise ConfigError(f"{where}.headers: {key!r} is not a valid header name")
+        if not _HEADER_VALUE.fullmatch(value):
+            raise ConfigError(f"{where}.headers.{key}: the value (after ${{VAR}} expansion) "
+                              "holds a line break, a control character or a character "
+                              "outside Latin-1")
     # A header that expands to nothing (``${KEY:-}`` with KEY unset) is left out, so an
     # empty X-API-Key neither reaches llama.cpp nor displaces the client's own credentials.
     headers = {key: value for key, value in expanded.items() if value}

@@ -698,3 +698,28 @@ def test_request_limits_defaults_and_keys() -> None:
 def test_bad_request_limits_stop_start_up(key: str, value: object) -> None:
     with pytest.raises(ConfigError, match=f"server.request_limits.{key}"):
         settings_from_mapping({"server": {"request_limits": {key: value}}}, environ={})
+
+
+@pytest.mark.parametrize("value", ["Bearer abc\r\nX-Evil: 1", "key\n", "k\u0000ey", "模型",
+                                   "${SECRET}"])
+def test_a_header_value_that_cannot_be_sent_stops_start_up_unprinted(value: str) -> None:
+    secret = "s3cret\r\nInjected: yes"
+    with pytest.raises(ConfigError) as raised:
+        settings_from_mapping({"endpoints": [{"url": "http://a:1", "name": "a",
+                                              "headers": {"Authorization": value}}]},
+                              environ={"SECRET": secret})
+    text = str(raised.value)
+    assert "endpoints[0].headers.Authorization" in text
+    assert value not in text and secret not in text and "abc" not in text
+
+
+def test_a_header_name_that_is_not_a_token_stops_start_up() -> None:
+    with pytest.raises(ConfigError, match="not a valid header name"):
+        settings_from_mapping({"endpoints": [{"url": "http://a:1", "headers": {
+            "X Key": "v"}}]}, environ={})
+
+
+def test_latin1_header_values_are_fine() -> None:
+    settings = settings_from_mapping({"endpoints": [{"url": "http://a:1", "headers": {
+        "X-Team": "caf\u00e9"}}]}, environ={})
+    assert settings.endpoints[0].headers["X-Team"] == "caf\u00e9"
