@@ -22,7 +22,7 @@ from .concurrency import gevent_active
 from .config import Timeouts
 from .errors import UpstreamError, UpstreamTimeout
 from .stats import Exchange, find_timings
-from .upstream import Upstream
+from .upstream import Upstream, reason
 
 if TYPE_CHECKING:
     from .leases import Lease
@@ -74,7 +74,7 @@ class Source:
         except UpstreamError as exc:
             return exc
         except Exception as exc:  # e.g. the response torn down under the reader
-            return UpstreamError(f"upstream read failed: {exc!r}")
+            return UpstreamError(f"upstream read failed: {reason(exc)}")
 
     def _fetch_first(self) -> None:
         self._queue.put(self._read())

@@ -7,8 +7,11 @@ This is the only module that catches ``requests`` exceptions; everything above i
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
+import logging
 import socket
+import ssl
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -20,10 +23,13 @@ from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 from urllib3.connection import HTTPConnection
 from urllib3.exceptions import HTTPError as Urllib3HTTPError
-from urllib3.exceptions import ProtocolError, ReadTimeoutError
+from urllib3.exceptions import InvalidChunkLength, ProtocolError, ReadTimeoutError
+from urllib3.exceptions import TimeoutError as Urllib3TimeoutError
 
 from .config import CREDENTIAL_HEADERS, Endpoint, ProxySettings
 from .errors import UpstreamError, UpstreamTimeout
+
+log = logging.getLogger(__name__)
 
 # Hop-by-hop headers (RFC 9110 7.6.1) are never relayed in either direction.
 HOP_BY_HOP = frozenset({
@@ -138,8 +144,8 @@ class Upstream:
 _STALE = (RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 
 
-def _closed_under_us(exc: BaseException) -> bool:
-    """True when a pooled connection was closed by the peer before it answered."""
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """An exception and everything it wraps (args, causes, contexts), each once."""
     seen: set[int] = set()
     stack: list[object] = [exc]
     while stack:
@@ -147,22 +153,58 @@ def _closed_under_us(exc: BaseException) -> bool:
         if not isinstance(current, BaseException) or id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, _STALE):
-            return True
-        stack += [*current.args, current.__cause__, current.__context__]
-    return False
+        yield current
+        stack += [*current.args, current.__cause__, current.__context__,
+                  getattr(current, "reason", None)]
+
+
+def _closed_under_us(exc: BaseException) -> bool:
+    """True when a pooled connection was closed by the peer before it answered."""
+    return any(isinstance(e, _STALE) for e in _chain(exc))
+
+
+# What a client is told about a failed upstream exchange: the kind of failure, never the
+# upstream's host, port, path or query (those are in the log line, for the operator).
+_REASONS: tuple[tuple[type[BaseException], str], ...] = (
+    (ConnectionRefusedError, "connection refused"),
+    (socket.gaierror, "host name not found"),
+    (ssl.SSLError, "TLS handshake or certificate failed"),
+    (RemoteDisconnected, "the upstream closed the connection"),
+    (ConnectionResetError, "connection reset by the upstream"),
+    (BrokenPipeError, "connection reset by the upstream"),
+    (ConnectionAbortedError, "connection aborted"),
+    (TimeoutError, "timed out"),
+    (requests.Timeout, "timed out"),
+    (Urllib3TimeoutError, "timed out"),
+    (InvalidChunkLength, "invalid chunked encoding"),
+    (http.client.HTTPException, "invalid HTTP answer"),
+    (ProtocolError, "invalid HTTP answer"),
+    (OSError, "network error"),
+)
+
+
+def reason(exc: BaseException) -> str:
+    """A short account of an upstream failure that reveals nothing of its address."""
+    # requests' own exceptions are OSErrors too: what they wrap says what happened.
+    found = [e for e in _chain(exc) if not isinstance(e, requests.RequestException)]
+    for kind, text in _REASONS:
+        if any(isinstance(e, kind) for e in found):
+            return text
+    return type(exc).__name__
 
 
 def _translate(exc: BaseException, answered: bool = True) -> UpstreamError:
     """Map requests/urllib3 errors to ours. Before the upstream answered (``answered``
     False), a refused, reset or timed-out connection is an UpstreamConnectError: nothing
     reached the client, so another endpoint may take the request."""
+    log.debug("upstream exchange failed: %r", exc)
+    why = reason(exc)
     if isinstance(exc, (requests.ReadTimeout, ReadTimeoutError, TimeoutError)) \
             and not isinstance(exc, requests.ConnectTimeout):
-        return UpstreamTimeout(f"upstream did not answer in time: {exc}")
+        return UpstreamTimeout("upstream did not answer in time")
     if not answered and isinstance(exc, (requests.ConnectionError, ProtocolError, OSError)):
-        return UpstreamConnectError(f"upstream is not reachable: {exc}")
-    return UpstreamError(f"upstream connection failed: {exc}")
+        return UpstreamConnectError(f"upstream is not reachable: {why}")
+    return UpstreamError(f"upstream connection failed: {why}")
 
 
 class _Adapter(HTTPAdapter):

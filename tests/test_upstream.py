@@ -88,3 +88,23 @@ def test_upstream_requests_ask_for_identity_encoding() -> None:
                            Endpoint(name="a", url="http://a.test"))
     assert sent["Accept-Encoding"] == "identity" and sent["X-Keep"] == "1"
     assert [k for k in sent if k.lower() == "accept-encoding"] == ["Accept-Encoding"]
+
+
+@pytest.mark.parametrize(("body", "said"), [
+    (requests.ConnectionError(requests.packages.urllib3.exceptions.MaxRetryError(
+        None, "/completion?key=sk-123", ConnectionRefusedError(111, "refused"))),
+     "connection refused"),
+    (requests.ConnectionError("HTTPConnectionPool(host='10.1.2.3', port=8080): failed"),
+     "ConnectionError"),
+    (requests.ConnectionError(OSError(-2, "Name or service not known")), "network error"),
+])
+def test_client_facing_messages_name_no_host_port_or_path(fake: responses.RequestsMock,
+                                                          body: Exception, said: str) -> None:
+    fake.post(URL + "/completion", body=body)
+    pool = UpstreamPool((ENDPOINT,), ProxySettings())
+    with pytest.raises(UpstreamConnectError) as raised:
+        pool.open(ENDPOINT, "POST", "/completion", body=b"{}")
+    message = raised.value.message
+    assert message == f"upstream is not reachable: {said}"
+    for secret in ("10.1.2.3", "8080", "/completion", "sk-123", URL.split("//")[1]):
+        assert secret not in message
