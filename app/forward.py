@@ -54,11 +54,6 @@ def header_value(text: str) -> str:
     return quote(text.strip(), safe="".join(sorted(_HEADER_SAFE - {"%", " "})))
 
 
-def is_header_safe(text: str) -> bool:
-    """True when ``text`` can go into a header unchanged."""
-    return bool(text) and text == text.strip() and _HEADER_SAFE.issuperset(text)
-
-
 @dataclass(slots=True)
 class Request:
     """What the view hands over: a validated request, ready to forward."""
@@ -209,8 +204,7 @@ class Forward:
         queue_wait = time.perf_counter() - waiting
         candidate = next(c for c in remaining if c.state is lease.state)
         state = lease.state
-        self.exchange = Exchange(state, req.model or candidate.model or state.primary_model
-                                 or "", req.route, req.started,
+        self.exchange = Exchange(state, candidate.served, req.route, req.started,
                                  lambda: svc.dispatcher.release(lease), svc.observers,
                                  queue_wait_ms=queue_wait * 1000, request_id=req.request_id)
         svc.metrics.child(svc.metrics.queue_wait, self.exchange.model).observe(queue_wait)
@@ -243,7 +237,8 @@ class Forward:
         headers += ours.items()
         headers += [
             ("X-Olla-Endpoint", header_value(exchange.state.endpoint.name)),
-            ("X-Olla-Model", header_value(self._model_header(candidate))),
+            # The fleet's name for the model, in one form however the client spelled it.
+            ("X-Olla-Model", header_value(candidate.served)),
             ("X-Olla-Backend-Type", BACKEND_TYPE),
             # Non-streamed: the whole upstream exchange. Streams: to the first byte of the
             # body (or the first keepalive), when the headers go out.
@@ -251,17 +246,6 @@ class Forward:
              f"{round((time.perf_counter() - self.request.started) * 1000)}ms"),
         ]
         return headers
-
-    def _model_header(self, candidate: Candidate) -> str:
-        """The model as the client named it when that is a clean header value, else the
-        name the endpoint serves it under (a name with control characters, padding or
-        non-ASCII letters still routes, but is never echoed raw)."""
-        model = self.request.model
-        if model and is_header_safe(model):
-            return model
-        state = candidate.state
-        served = candidate.model or (state.native_name([name_key(model)]) if model else None)
-        return served or state.primary_model or (self.exchange.model if self.exchange else "")
 
     def _whole(self, status: int, upstream_headers: Mapping[str, str], content: bytes,
                candidate: Candidate, ours: Mapping[str, str] | None = None,

@@ -16,6 +16,10 @@ class Candidate:
 
     state: EndpointState
     model: str | None
+    # The fleet's one name for what was asked (the configured alias, else the model id the
+    # endpoint lists): what metrics, stats and X-Olla-Model show, however the client
+    # spelled it ("" when the endpoint lists no model).
+    served: str = ""
 
 
 def describe(states: list[EndpointState]) -> str:
@@ -30,6 +34,7 @@ class Router:
                  balancer: Balancer) -> None:
         self.registry = registry
         self.aliases = {name_key(k): v for k, v in aliases.items()}
+        self.alias_names = {name_key(k): k for k in aliases}
         self.balancer = balancer
 
     def _ordered(self, states: list[EndpointState], route: str) -> list[EndpointState]:
@@ -55,7 +60,7 @@ class Router:
                 raise NoEndpointAvailable(
                     "No llama.cpp endpoint is available" +
                     (f": {describe(states)}" if states else " (none configured)"))
-            return [Candidate(s, None) for s in ordered]
+            return [Candidate(s, None, s.primary_model or "") for s in ordered]
         targets = self.aliases.get(name_key(model), (model,))
         keys = [name_key(t) for t in targets]
         serving = [s for s in states if s.serves(keys)]
@@ -70,5 +75,10 @@ class Router:
             raise ModelUnavailable(
                 f"Model {model} is served only by endpoints that cannot take requests now: "
                 f"{describe(serving)}")
-        aliased = name_key(model) in self.aliases
-        return [Candidate(s, s.native_name(keys) if aliased else None) for s in ordered]
+        alias = self.alias_names.get(name_key(model))
+        out = []
+        for state in ordered:
+            native = state.native_name(keys)
+            out.append(Candidate(state, native if alias else None,
+                                 alias or native or state.primary_model or ""))
+        return out

@@ -38,7 +38,7 @@ def idle(app: Flask) -> Services:
 
 
 @pytest.mark.parametrize("name", [f"\u000b{MODEL}", f"{MODEL}\u3000", f" {MODEL} ",
-                                  MODEL.upper() + "\u00e9"[:0]])
+                                  MODEL.upper()])
 def test_odd_model_names_route_and_are_never_echoed_raw(app: Flask,
                                                         fake: responses.RequestsMock,
                                                         name: str) -> None:
@@ -47,8 +47,7 @@ def test_odd_model_names_route_and_are_never_echoed_raw(app: Flask,
     response = app.test_client().post("/olla/llamacpp/completion",
                                       json={"model": name, "prompt": "x", "stream": True})
     assert response.status_code == 200 and response.data == events
-    header = response.headers["X-Olla-Model"]
-    assert header == (name if name == name.strip() and name.isascii() else MODEL)
+    assert response.headers["X-Olla-Model"] == MODEL  # the fleet's name, in one form
     idle(app)
 
 

@@ -238,7 +238,8 @@ def test_named_model_routes_to_its_endpoint(two_endpoints: FlaskClient,
     assert response.get_json() == {"from": "embed"}
     assert (chat.call_count, embed.call_count) == (0, 1)
     assert response.headers["X-Olla-Endpoint"] == "embed"
-    assert response.headers["X-Olla-Model"] == name
+    # The fleet's one name for it, however the client spelled it.
+    assert response.headers["X-Olla-Model"] == "nomic-embed-text-v1.5.Q4_K_M.gguf"
     # The body is forwarded as sent: the model name is not rewritten.
     assert json.loads(embed.calls[0].request.body)["model"] == name
 
@@ -630,3 +631,19 @@ def test_listing_never_shows_a_filesystem_path(fake: responses.RequestsMock,
         "/olla/llamacpp/v1/models").get_data(as_text=True)
     assert "/root" not in body
     assert json.loads(body)["data"][0]["aliases"] == ["gemma-3-270m-q4_k_m.gguf"]
+
+
+def test_spellings_of_one_model_share_one_series_and_one_stats_row(
+        two_endpoints: FlaskClient, fake: responses.RequestsMock) -> None:
+    fake.post(f"{EMBED_URL}/v1/embeddings", json={"data": []})
+    for name in ("nomic-embed-text-v1.5.Q4_K_M.gguf", " NOMIC-embed-text-v1.5.q4_k_m ",
+                 "/srv/models/nomic-embed-text-v1.5.Q4_K_M.gguf", "nomic-embed-text-v1.5.Q4_K_M"):
+        assert two_endpoints.post("/olla/llamacpp/v1/embeddings",
+                                  json={"model": name, "input": "x"}).status_code == 200
+    services = two_endpoints.application.extensions["olla"]
+    assert list(services.stats.models) == ["nomic-embed-text-v1.5.Q4_K_M.gguf"]
+    text = two_endpoints.get("/internal/metrics").get_data(as_text=True)
+    series = [line for line in text.splitlines()
+              if line.startswith("olla_requests_total{") and 'route="v1/embeddings"' in line]
+    assert len(series) == 1 and 'model="nomic-embed-text-v1.5.Q4_K_M.gguf"' in series[0]
+    assert series[0].endswith(" 4.0")
