@@ -6,8 +6,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
@@ -99,3 +100,22 @@ class Repeating:
         if self._greenlet is not None:
             self._greenlet.kill()
             self._greenlet = None
+
+
+@contextmanager
+def deadline(seconds: float, error: BaseException) -> Iterator[None]:
+    """Raise ``error`` in this greenlet if the block runs longer than ``seconds`` in all
+    (under gevent; elsewhere only the sockets' own timeouts bound it). A socket timeout
+    bounds each wait, not the whole: an upstream that trickles a byte a second never
+    trips it."""
+    if not gevent_active():
+        yield
+        return
+    import gevent
+
+    timeout = gevent.Timeout(seconds, error)
+    timeout.start()
+    try:
+        yield
+    finally:
+        timeout.close()

@@ -117,6 +117,8 @@ class ProxySettings(Timeouts):
     # A write to the client blocked this long (a client that stopped reading) ends the
     # request: connection, upstream and slot.
     write_timeout: float = 60.0
+    # The largest non-streamed answer relayed (bytes); a larger one is a 502, never held.
+    max_response_size: int = 64 * MIB
     # Non-streamed generation requests go upstream as streams, assembled here, so that a
     # client that leaves frees its llama.cpp slot at once.
     assemble_non_streamed: bool = True
@@ -241,6 +243,7 @@ class ProxySchema(Strict):
     response_timeout = Duration()
     sse_keepalive = Duration()
     write_timeout = Duration(validate=POSITIVE)
+    max_response_size = fields.Integer(strict=True, validate=validate.Range(min=1024))
     assemble_non_streamed = StrictBoolean()
     load_balancer = fields.String(
         validate=validate.OneOf(["least-busy", "least-connections", "priority", "round-robin"])

@@ -81,6 +81,10 @@ class UpstreamError(ProxyError):
     code = "upstream_error"
 
 
+class UpstreamTooLarge(UpstreamError):
+    code = "upstream_too_large"
+
+
 class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"

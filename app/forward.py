@@ -173,7 +173,7 @@ class Forward:
                 if assembled:
                     return self._assembled(upstream, source, clock, first, candidate)
                 return self._stream(upstream, source, clock, first, candidate)
-            content = upstream.read()
+            content = upstream.read(svc.settings.proxy.max_response_size)
             if not last and upstream.status == 503 and b"Loading model" in content:
                 self._pass_over("llama.cpp is loading its model", Status.LOADING, ok=True)
                 continue

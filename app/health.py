@@ -52,14 +52,11 @@ def probe(pool: UpstreamPool, endpoint: Endpoint) -> Probe:
     """GET the endpoint's health URL once, within its check_timeout."""
     started = time.perf_counter()
     try:
-        upstream = pool.open(endpoint, "GET", endpoint.health_check_url,
-                             headers=endpoint.headers,
-                             timeout=(endpoint.check_timeout, endpoint.check_timeout))
-        body = upstream.read()
+        code, body = pool.fetch(endpoint, endpoint.health_check_url, endpoint.check_timeout)
     except UpstreamError as exc:
         return Probe(Status.OFFLINE, exc.message)
     latency = (time.perf_counter() - started) * 1000
-    status, detail = classify(upstream.status, body)
+    status, detail = classify(code, body)
     return Probe(status, detail, latency)
 
 
@@ -160,17 +157,15 @@ def poll_metrics(pool: UpstreamPool, state: EndpointState) -> None:
     An endpoint without it (501), or refusing it, is not asked again."""
     endpoint = state.endpoint
     try:
-        upstream = pool.open(endpoint, "GET", "/metrics", headers=endpoint.headers,
-                             timeout=(endpoint.check_timeout, endpoint.check_timeout))
-        body = upstream.read()
+        status, body = pool.fetch(endpoint, "/metrics", endpoint.check_timeout)
     except UpstreamError:
         return
-    if upstream.status == 200:
+    if status == 200:
         state.metrics_text = body.decode("utf-8", "replace")
-    elif upstream.status in (401, 403, 404, 501):
+    elif status in (401, 403, 404, 501):
         state.metrics_polling = False
         state.metrics_text = None
-        log.info("endpoint %s: /metrics not available (%s)", endpoint.name, upstream.status)
+        log.info("endpoint %s: /metrics not available (%s)", endpoint.name, status)
 
 
 def poll_slots(pool: UpstreamPool, state: EndpointState, in_use: InUse | None = None) -> None:

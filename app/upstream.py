@@ -26,8 +26,9 @@ from urllib3.exceptions import HTTPError as Urllib3HTTPError
 from urllib3.exceptions import InvalidChunkLength, ProtocolError, ReadTimeoutError
 from urllib3.exceptions import TimeoutError as Urllib3TimeoutError
 
+from .concurrency import deadline
 from .config import CREDENTIAL_HEADERS, Endpoint, ProxySettings
-from .errors import UpstreamError, UpstreamTimeout
+from .errors import UpstreamError, UpstreamTimeout, UpstreamTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,11 @@ _NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect", "accept-encod
 # Not relayed back: recomputed by the WSGI server, or ours to set.
 _NOT_RELAYED = HOP_BY_HOP | {"content-length", "server", "date"}
 POOL_SIZE = 1024
+POLL_LIMIT = 16 * 1024 * 1024   # bytes of a probe's or poll's answer (/props, /slots...)
+
+
+def _too_large(limit: int) -> UpstreamTooLarge:
+    return UpstreamTooLarge(f"the upstream's answer is larger than {limit} bytes")
 
 
 class UpstreamConnectError(UpstreamError):
@@ -95,11 +101,22 @@ class Upstream:
         document (or an error), read whole."""
         return self.response.headers.get("Content-Type", "").startswith("text/event-stream")
 
-    def read(self) -> bytes:
-        """The whole body (for responses with a length), as sent: not decompressed, since
-        its Content-Encoding is relayed too."""
+    def read(self, limit: int | None = None) -> bytes:
+        """The whole body, as sent: not decompressed, since its Content-Encoding is relayed
+        too. UpstreamTooLarge past ``limit`` bytes (the rest is never read)."""
         try:
-            return self.response.raw.read(decode_content=False)  # type: ignore[no-any-return]
+            if limit is None:
+                return self.response.raw.read(decode_content=False)  # type: ignore[no-any-return]
+            declared = self.response.headers.get("Content-Length", "")
+            if declared.isdigit():
+                if int(declared) > limit:
+                    raise _too_large(limit)
+                # Read as a whole: a body cut short of its length is an error then.
+                return self.response.raw.read(decode_content=False)  # type: ignore[no-any-return]
+            body: bytes = self.response.raw.read(limit + 1, decode_content=False)
+            if len(body) > limit:
+                raise _too_large(limit)
+            return body
         except (requests.RequestException, Urllib3HTTPError, OSError) as exc:
             raise _translate(exc) from exc
         finally:
@@ -285,15 +302,23 @@ class UpstreamPool:
             return Upstream(response)
         raise AssertionError("unreachable")
 
+    def fetch(self, endpoint: Endpoint, path: str, timeout: float,
+              limit: int = POLL_LIMIT) -> tuple[int, bytes]:
+        """GET a probe or poll (status, body): the whole exchange within ``timeout``, the
+        body within ``limit`` bytes, so that no endpoint can stall or swell the health loop
+        that checks every endpoint."""
+        with deadline(timeout, UpstreamTimeout(f"no complete answer within {timeout:g} s")):
+            upstream = self.open(endpoint, "GET", path, headers=endpoint.headers,
+                                 timeout=(min(timeout, self.timeout[0]), timeout))
+            return upstream.status, upstream.read(limit)
+
     def get_json(self, endpoint: Endpoint, path: str, timeout: float) -> tuple[int, Any]:
         """GET a small JSON document from an endpoint (status, parsed body or None)."""
-        upstream = self.open(endpoint, "GET", path, headers=endpoint.headers,
-                             timeout=(min(timeout, self.timeout[0]), timeout))
-        body = upstream.read()
+        status, body = self.fetch(endpoint, path, timeout)
         try:
-            return upstream.status, json.loads(body) if body else None
+            return status, json.loads(body) if body else None
         except ValueError:
-            return upstream.status, None
+            return status, None
 
     def close(self) -> None:
         """Close every pooled connection."""

@@ -647,3 +647,15 @@ def test_spellings_of_one_model_share_one_series_and_one_stats_row(
               if line.startswith("olla_requests_total{") and 'route="v1/embeddings"' in line]
     assert len(series) == 1 and 'model="nomic-embed-text-v1.5.Q4_K_M.gguf"' in series[0]
     assert series[0].endswith(" 4.0")
+
+
+def test_a_non_streamed_answer_over_the_cap_is_502(fake: responses.RequestsMock,
+                                                   make_app: Callable[..., Flask]) -> None:
+    add_llamacpp(fake, CHAT_URL, "m.gguf")
+    fake.post(f"{CHAT_URL}/v1/embeddings", body=b'{"data": "' + b"x" * 3000 + b'"}')
+    app = make_app({"endpoints": [{"url": CHAT_URL, "name": "chat"}],
+                    "proxy": {"max_response_size": 2048}})
+    response = app.test_client().post("/olla/llamacpp/v1/embeddings", json={"input": "x"})
+    assert response.status_code == 502
+    assert error_of(response)["code"] == "upstream_too_large"
+    assert app.extensions["olla"].registry.states["chat"].in_flight == 0

@@ -108,3 +108,16 @@ def test_client_facing_messages_name_no_host_port_or_path(fake: responses.Reques
     assert message == f"upstream is not reachable: {said}"
     for secret in ("10.1.2.3", "8080", "/completion", "sk-123", URL.split("//")[1]):
         assert secret not in message
+
+
+def test_an_answer_over_the_limit_is_refused_unread(fake: responses.RequestsMock) -> None:
+    from app.errors import UpstreamTooLarge
+
+    fake.get(URL + "/props", body=b"x" * 5000)
+    fake.get(URL + "/slots", body=b"[" + b"1," * 3000 + b"1]",
+             headers={"Transfer-Encoding": "chunked"})
+    pool = UpstreamPool((ENDPOINT,), ProxySettings())
+    assert pool.fetch(ENDPOINT, "/props", 2.0, limit=5000) == (200, b"x" * 5000)
+    for path in ("/props", "/slots"):
+        with pytest.raises(UpstreamTooLarge):
+            pool.fetch(ENDPOINT, path, 2.0, limit=4000)

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
 import requests
 
+from .gated_upstream import GatedUpstream
 from .procs import Proxy
 
 pytestmark = pytest.mark.integration
@@ -117,3 +120,77 @@ def test_odd_bodies_are_400_json_without_reaching_upstream(proxy: Proxy, body: b
     assert response.status_code == 400, response.text[:300]
     assert envelope(response.content)["code"] == code
     still_serves(proxy)
+
+
+class Trickle:
+    """An upstream that answers every request a byte every 0.4 s: each wait is short, the
+    whole answer (~50 s) is not."""
+
+    def __init__(self) -> None:
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(16)
+        self.stopping = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        while not self.stopping:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn: socket.socket) -> None:
+        answer = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 100
+        with conn:
+            for byte in answer:
+                if self.stopping:
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+                time.sleep(0.4)  # always within the 1 s socket timeout
+
+    def start(self) -> Trickle:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.server.close()
+
+
+def test_a_trickling_upstream_cannot_stall_the_health_checks(
+        start_proxy: Callable[..., Proxy]) -> None:
+    gated = GatedUpstream().start()
+    trickle = Trickle().start()
+    try:
+        proxy = start_proxy({"endpoints": [
+            {"url": gated.url, "name": "gated", "check_interval": "1s", "check_timeout": "1s"},
+            {"url": trickle.url, "name": "trickle", "check_interval": "1s",
+             "check_timeout": "1s"}]})
+
+        def endpoints() -> dict[str, dict[str, object]]:
+            body = requests.get(proxy.url + "/internal/status/endpoints", timeout=5).json()
+            return {e["name"]: e for e in body["endpoints"]}
+
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and endpoints()["trickle"]["status"] != "offline":
+            time.sleep(0.2)
+        found = endpoints()
+        assert found["trickle"]["status"] == "offline", found["trickle"]
+        assert "no complete answer within 1 s" in str(found["trickle"]["issues"])
+        # Meanwhile the other endpoint is probed on time (every second or so).
+        first = found["gated"]["health_check_at"]
+        time.sleep(2.5)
+        assert endpoints()["gated"]["health_check_at"] != first
+        assert endpoints()["gated"]["status"] == "healthy"
+    finally:
+        trickle.stop()
+        gated.stop()
