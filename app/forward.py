@@ -93,6 +93,7 @@ class Forward:
     _source: Source | None = None
     _closed: bool = False
     _failures: list[str] = field(default_factory=list)
+    _died_after_sending: int = 0
 
     # ------------------------------------------------------------------------ the loop
 
@@ -153,7 +154,17 @@ class Forward:
                                          timeout=_socket_timeouts(limits,
                                                                   streamed or assembled))
             except UpstreamConnectError as exc:
-                self._pass_over(exc.message, Status.OFFLINE)
+                if not exc.reached:  # refused, or never connected: the endpoint is down
+                    self._pass_over(exc.message, Status.OFFLINE)
+                    continue
+                # The connection died after the request went out: the request itself may
+                # be what kills servers. One more endpoint may try it; none is marked down
+                # by it (the health probes decide whether a server is really gone).
+                self._died_after_sending += 1
+                if self._died_after_sending > 1 or last:
+                    raise UpstreamError(f"{exc.message} (after the request was sent, on "
+                                        f"{self._died_after_sending} endpoints)") from exc
+                self._pass_over(exc.message, None)
                 continue
             exchange.answered(upstream.status)
             if req.watch is not None:

@@ -22,8 +22,14 @@ import requests
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 from urllib3.connection import HTTPConnection
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    InvalidChunkLength,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+)
 from urllib3.exceptions import HTTPError as Urllib3HTTPError
-from urllib3.exceptions import InvalidChunkLength, ProtocolError, ReadTimeoutError
 from urllib3.exceptions import TimeoutError as Urllib3TimeoutError
 
 from .concurrency import deadline
@@ -53,7 +59,18 @@ def _too_large(limit: int) -> UpstreamTooLarge:
 
 class UpstreamConnectError(UpstreamError):
     """The connection failed before the upstream answered (refused, reset, connect
-    timeout): nothing reached the client, so the request may go to another endpoint."""
+    timeout): nothing reached the client, so the request may go to another endpoint.
+    ``reached``: the connection was made (the request may have been read, and may be what
+    broke it), as opposed to refused or never established."""
+
+    def __init__(self, message: str, *, reached: bool = False) -> None:
+        super().__init__(message)
+        self.reached = reached
+
+
+# A connection that was never made: the request cannot have reached the upstream.
+_NOT_CONNECTED = (NewConnectionError, ConnectTimeoutError, requests.ConnectTimeout,
+                  ConnectionRefusedError, socket.gaierror)
 
 
 def request_headers(inbound: Mapping[str, str], endpoint: Endpoint) -> dict[str, str]:
@@ -220,7 +237,8 @@ def _translate(exc: BaseException, answered: bool = True) -> UpstreamError:
             and not isinstance(exc, requests.ConnectTimeout):
         return UpstreamTimeout("upstream did not answer in time")
     if not answered and isinstance(exc, (requests.ConnectionError, ProtocolError, OSError)):
-        return UpstreamConnectError(f"upstream is not reachable: {why}")
+        reached = not any(isinstance(e, _NOT_CONNECTED) for e in _chain(exc))
+        return UpstreamConnectError(f"upstream is not reachable: {why}", reached=reached)
     return UpstreamError(f"upstream connection failed: {why}")
 
 

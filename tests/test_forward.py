@@ -21,6 +21,9 @@ from .conftest import CHAT_URL, add_llamacpp
 MODEL = "gemma-3-270m-q4_k_m.gguf"
 CHAT = {"messages": [{"role": "user", "content": "x"}]}
 
+# A refused connection, as requests reports one (what it wraps says so).
+REFUSED = requests.ConnectionError(ConnectionRefusedError(111, "Connection refused"))
+
 
 @pytest.fixture
 def app(fake: responses.RequestsMock, make_app: Callable[..., Flask]) -> Flask:
@@ -116,12 +119,12 @@ def test_each_upstream_failure_gives_the_slot_back(app: Flask, fake: responses.R
                                                    failure: str) -> None:
     client: FlaskClient = app.test_client()
     if failure == "connect":
-        fake.post(f"{CHAT_URL}/tokenize", body=requests.ConnectionError("refused"))
+        fake.post(f"{CHAT_URL}/tokenize", body=REFUSED)
         expected = 503
     elif failure == "garbage":
         fake.post(f"{CHAT_URL}/tokenize", body=requests.exceptions.ChunkedEncodingError(
             "invalid chunk"))
-        expected = 503
+        expected = 502
     else:
         def bug(*args: object, **kwargs: object) -> None:
             raise ZeroDivisionError("a bug in the request path")

@@ -175,7 +175,7 @@ def test_probe_against_fake_http(fake: responses.RequestsMock) -> None:
                                  "type": "unavailable_error"}})
     assert probe(pool, endpoint).status is Status.LOADING
     fake.replace(responses.GET, URL + "/health",
-                 body=requests.ConnectionError("Connection refused"))
+                 body=requests.ConnectionError(ConnectionRefusedError(111, "Connection refused")))
     assert probe(pool, endpoint).status is Status.OFFLINE
     fake.replace(responses.GET, URL + "/health", body=requests.ConnectTimeout("timed out"))
     assert probe(pool, endpoint).status is Status.OFFLINE

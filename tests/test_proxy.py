@@ -12,6 +12,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from app import assemble
+from app.registry import Status
 
 from .conftest import CHAT_URL, EMBED_URL, add_llamacpp
 
@@ -27,6 +28,9 @@ VALID = {
     "detokenize": {"tokens": [1, 2]},
     "infill": {"input_prefix": "def f():"},
 }
+
+# A refused connection, as requests reports one (what it wraps says so).
+REFUSED = requests.ConnectionError(ConnectionRefusedError(111, "Connection refused"))
 
 
 def error_of(response: object) -> dict[str, str]:
@@ -217,7 +221,7 @@ def test_models_are_merged_deduplicated_and_never_paths(
 def test_models_skip_unreachable_endpoints(fake: responses.RequestsMock,
                                           make_app: Callable[..., Flask]) -> None:
     add_llamacpp(fake, CHAT_URL, "chat.gguf")
-    fake.get(f"{EMBED_URL}/v1/models", body=requests.ConnectionError("Connection refused"))
+    fake.get(f"{EMBED_URL}/v1/models", body=REFUSED)
     app = make_app({"endpoints": [{"url": CHAT_URL, "name": "chat"},
                                   {"url": EMBED_URL, "name": "embed"}]})
     response = app.test_client().get("/olla/llamacpp/v1/models")
@@ -279,7 +283,7 @@ def test_no_model_goes_to_highest_priority(two_endpoints: FlaskClient,
 def test_no_model_skips_an_endpoint_that_refuses(two_endpoints: FlaskClient,
                                                  fake: responses.RequestsMock) -> None:
     fake.post(f"{CHAT_URL}/tokenize",
-              body=requests.ConnectionError("[Errno 111] Connection refused"))
+              body=REFUSED)
     embed = fake.post(f"{EMBED_URL}/tokenize", json={"tokens": [2]})
     response = two_endpoints.post("/olla/llamacpp/tokenize", json={"content": "x"})
     assert response.status_code == 200
@@ -290,8 +294,8 @@ def test_no_model_skips_an_endpoint_that_refuses(two_endpoints: FlaskClient,
 def test_none_reachable_is_503(fake: responses.RequestsMock,
                                make_app: Callable[..., Flask]) -> None:
     for url in (CHAT_URL, EMBED_URL):
-        fake.get(f"{url}/v1/models", body=requests.ConnectionError("Connection refused"))
-        fake.post(f"{url}/completion", body=requests.ConnectionError("Connection refused"))
+        fake.get(f"{url}/v1/models", body=REFUSED)
+        fake.post(f"{url}/completion", body=REFUSED)
     app = make_app({"endpoints": [{"url": CHAT_URL, "name": "chat"},
                                   {"url": EMBED_URL, "name": "embed"}]})
     response = app.test_client().post("/olla/llamacpp/completion", json={"prompt": "x"})
@@ -520,16 +524,19 @@ def twins(fake: responses.RequestsMock, make_app: Callable[..., Flask]) -> Flask
 LOADING = {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}
 
 
-@pytest.mark.parametrize(("failure", "attempts"), [
-    ({"body": requests.ConnectionError("[Errno 111] Connection refused")}, 1),
-    # A reset may be a stale keep-alive connection: once more on a fresh one, then move on.
-    ({"body": requests.ConnectionError(ConnectionResetError(104, "Connection reset"))}, 2),
-    ({"body": requests.ConnectTimeout("connect timed out")}, 1),
-    ({"json": LOADING, "status": 503}, 1),
+@pytest.mark.parametrize(("failure", "attempts", "marked"), [
+    ({"body": REFUSED}, 1,
+     True),
+    # A reset may be a stale keep-alive connection: once more on a fresh one, then move on;
+    # the request may be what broke it, so the endpoint is not marked down for it.
+    ({"body": requests.ConnectionError(ConnectionResetError(104, "Connection reset"))}, 2,
+     False),
+    ({"body": requests.ConnectTimeout("connect timed out")}, 1, True),
+    ({"json": LOADING, "status": 503}, 1, True),
 ])
 def test_failover_to_the_next_endpoint_before_any_byte(
         twins: FlaskClient, fake: responses.RequestsMock, failure: dict[str, object],
-        attempts: int) -> None:
+        attempts: int, marked: bool) -> None:
     first = fake.post(f"{TWIN_A}/v1/chat/completions", **failure)  # type: ignore[arg-type]
     second = fake.post(f"{TWIN_B}/v1/chat/completions", json={"ok": True})
     response = twins.post("/olla/llamacpp/v1/chat/completions", json={
@@ -537,9 +544,11 @@ def test_failover_to_the_next_endpoint_before_any_byte(
     assert response.status_code == 200
     assert response.headers["X-Olla-Endpoint"] == "b"
     assert (first.call_count, second.call_count) == (attempts, 1)
-    # The failed endpoint is out of rotation until its next probe.
     state = twins.application.extensions["olla"].registry.states["a"]
-    assert not state.routable
+    assert (state.status in (Status.OFFLINE, Status.LOADING)) is marked
+    if not marked:
+        return
+    # The failed endpoint is out of rotation until its next probe.
     again = twins.post("/olla/llamacpp/v1/chat/completions", json={
         "model": "gemma", "messages": [{"role": "user", "content": "y"}]})
     assert again.headers["X-Olla-Endpoint"] == "b"
@@ -548,7 +557,7 @@ def test_failover_to_the_next_endpoint_before_any_byte(
 
 def test_each_endpoint_tried_once_then_503(twins: FlaskClient,
                                            fake: responses.RequestsMock) -> None:
-    calls = [fake.post(f"{url}/completion", body=requests.ConnectionError("refused"))
+    calls = [fake.post(f"{url}/completion", body=REFUSED)
              for url in (TWIN_A, TWIN_B)]
     response = twins.post("/olla/llamacpp/completion", json={"model": "gemma", "prompt": "x"})
     assert response.status_code == 503
@@ -659,3 +668,25 @@ def test_a_non_streamed_answer_over_the_cap_is_502(fake: responses.RequestsMock,
     assert response.status_code == 502
     assert error_of(response)["code"] == "upstream_too_large"
     assert app.extensions["olla"].registry.states["chat"].in_flight == 0
+
+
+def test_a_request_that_kills_its_upstream_is_tried_on_one_more_then_502(
+        fake: responses.RequestsMock, make_app: Callable[..., Flask]) -> None:
+    urls = ["http://p1.test:8080", "http://p2.test:8080", "http://p3.test:8080"]
+    posts = []
+    for url in urls:
+        add_llamacpp(fake, url, "gemma.gguf")
+        posts.append(fake.post(f"{url}/tokenize", body=requests.ConnectionError(
+            ConnectionResetError(104, "Connection reset by peer"))))
+    app = make_app({"endpoints": [{"url": u, "name": f"p{i}"} for i, u in enumerate(urls)]})
+    app.extensions["olla"].registry.refresh()
+    for state in app.extensions["olla"].registry:
+        state.status = Status.HEALTHY
+    response = app.test_client().post("/olla/llamacpp/tokenize",
+                                      json={"model": "gemma.gguf", "content": "poison"})
+    assert response.status_code == 502
+    assert error_of(response)["code"] == "upstream_error"
+    assert "connection reset" in error_of(response)["message"]
+    tried = [p.call_count > 0 for p in posts]
+    assert sum(tried) == 2                      # one more endpoint, not the whole fleet
+    assert all(s.routable for s in app.extensions["olla"].registry)  # none marked down

@@ -433,7 +433,8 @@ def test_config_headers_never_appear(fake: responses.RequestsMock,
     add_llamacpp(fake, EMBED_URL, EMBED_MODEL)
     # An upstream that echoes the key in its error body: the detail text carries it.
     fake.get(f"{CHAT_URL}/health", status=500, body="bad header X-Tenant-Token=sekret-value-123")
-    fake.get(f"{EMBED_URL}/health", body=requests.ConnectionError("refused"))
+    fake.get(f"{EMBED_URL}/health",
+             body=requests.ConnectionError(ConnectionRefusedError(111, "refused")))
     fake.post(f"{CHAT_URL}/completion", json=completion(10.0))
     app = make_app({"endpoints": [
         {"url": CHAT_URL, "name": "chat",
