@@ -101,5 +101,7 @@ def _text(value: Any) -> str:
     """A value as one ``key=value`` field: as it is when plain, otherwise JSON-quoted, so
     a client cannot forge or split fields (spaces, quotes, ``=``, control characters and
     newlines are escaped)."""
+    if isinstance(value, (int, float)):
+        return str(value)  # figures: plain by construction (the common case, kept cheap)
     text = str(value)
     return text if _PLAIN.fullmatch(text) else json.dumps(text)

@@ -36,12 +36,18 @@ def _finite(text: str) -> float:
     return value
 
 
+# Built once: json.loads with hooks would build a decoder for every request.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite)
+
+
 def parse(body: bytes, limits: RequestLimits) -> dict[str, Any]:
     """The JSON object in the body, whatever the Content-Type (as llama.cpp does)."""
     if not body.strip():
         raise InvalidRequest("Invalid request: the body must be a JSON object")
     try:
-        payload = json.loads(body, parse_constant=_reject_constant, parse_float=_finite)
+        text = body.decode("utf-8")
+        # A UTF-8 byte-order mark is skipped, as llama.cpp's parser and json.loads do.
+        payload = _DECODER.decode(text[1:] if text.startswith("\ufeff") else text)
     except RecursionError as exc:
         raise _too_deep(limits) from exc
     except UnicodeDecodeError as exc:

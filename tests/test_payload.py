@@ -84,3 +84,7 @@ def test_too_many_items_in_a_long_list_is_400(key: str) -> None:
 @pytest.mark.parametrize("body", [b"", b"   ", b"[]", b"null", b'"text"', b"12"])
 def test_a_body_that_is_not_an_object_is_400(body: bytes) -> None:
     assert "must be a JSON object" in refused(body).message
+
+
+def test_a_utf8_byte_order_mark_is_skipped() -> None:
+    assert parse(b'\xef\xbb\xbf{"prompt": "x"}', LIMITS) == {"prompt": "x"}
