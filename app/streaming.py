@@ -44,6 +44,36 @@ def sse_error_event(message: str, openai: bool, code: str = "upstream_error") ->
     return out
 
 
+def split_legacy_error(chunk: bytes) -> tuple[bytes, bytes | None]:
+    """(what comes before, the JSON) of a bare ``error: {...}`` SSE field in ``chunk``, as
+    older llama.cpp builds sent mid-stream errors; (chunk, None) when there is none."""
+    if chunk.startswith(b"error:"):
+        at = 0
+    else:
+        found = chunk.find(b"\nerror:")
+        if found < 0:
+            return chunk, None
+        at = found + 1
+    line = chunk[at:].split(b"\n", 1)[0]
+    return chunk[:at], line[6:].strip()
+
+
+def data_error_event(raw: bytes, openai: bool) -> bytes:
+    """A ``data: {"error": ...}`` event (and ``[DONE]`` on OpenAI routes) for the JSON an
+    ``error:`` field carried, kept as llama.cpp gave it where it is an error object."""
+    try:
+        found = json.loads(raw)
+    except ValueError:
+        found = None
+    if isinstance(found, dict) and isinstance(found.get("error"), dict):
+        found = found["error"]
+    if not isinstance(found, dict):
+        found = {"message": raw.decode("utf-8", "replace")[:500], "type": "server_error",
+                 "code": "upstream_error"}
+    out = b"data: " + json.dumps({"error": found}).encode() + b"\n\n"
+    return out + (b"data: [DONE]\n\n" if openai else b"")
+
+
 class Source:
     """The upstream's chunks, readable with a timeout.
 
@@ -207,6 +237,18 @@ def relay(source: Source, exchange: Exchange, clock: Clock, first: Any, *, opena
                 marks.writing_since = time.monotonic()
                 yield KEEPALIVE
             else:
+                if b"error" in item:
+                    before, legacy = split_legacy_error(item)
+                    if legacy is not None:
+                        # An older llama.cpp's bare `error:` field, which OpenAI SDKs drop
+                        # silently: relayed as the data event newer builds send.
+                        ok = False
+                        log.warning("upstream %s reported an error mid-stream", endpoint)
+                        marks.writing_since = time.monotonic()
+                        yield before + data_error_event(legacy, openai)
+                        break
+                    if b'data: {"error"' in item:
+                        ok = False  # relayed as it is, counted as what it is
                 if b'"timings"' in item or b'"usage"' in item:
                     last_stats = item
                 clock.last_byte = clock.last_sent = time.perf_counter()

@@ -172,3 +172,34 @@ def test_a_stream_never_read_gives_the_slot_back(app: Flask,
     assert services_of(app).registry.states["chat"].in_flight == 1
     response.close()                 # the client left before the body was read
     idle(app)
+
+
+@pytest.mark.parametrize(("route", "body", "tail"), [
+    ("completion", {"prompt": "x", "stream": True}, b""),
+    ("v1/chat/completions", {**CHAT, "stream": True}, b"data: [DONE]\n\n"),
+])
+def test_an_older_bare_error_field_is_relayed_as_a_data_event(
+        app: Flask, fake: responses.RequestsMock, route: str, body: dict[str, object],
+        tail: bytes) -> None:
+    events = (b'data: {"content":"a","stop":false}\n\n'
+              b'error: {"code":500,"message":"slot failed","type":"server_error"}\n\n')
+    fake.post(f"{CHAT_URL}/{route}", body=events, content_type="text/event-stream")
+    response = app.test_client().post(f"/olla/llamacpp/{route}", json=body)
+    assert response.data == (b'data: {"content":"a","stop":false}\n\n'
+                             b'data: {"error": {"code": 500, "message": "slot failed", '
+                             b'"type": "server_error"}}\n\n' + tail)
+    model = services_of(app).stats.models[MODEL]
+    assert (model.successes, model.failures) == (0, 1)  # counted as an error
+    idle(app)
+
+
+def test_a_data_error_event_is_relayed_as_it_is_and_counted(
+        app: Flask, fake: responses.RequestsMock) -> None:
+    events = (b'data: {"content":"a","stop":false}\n\n'
+              b'data: {"error":{"code":500,"message":"boom","type":"server_error"}}\n\n')
+    fake.post(f"{CHAT_URL}/completion", body=events, content_type="text/event-stream")
+    response = app.test_client().post("/olla/llamacpp/completion",
+                                      json={"prompt": "x", "stream": True})
+    assert response.data == events
+    assert services_of(app).stats.models[MODEL].failures == 1
+    idle(app)
