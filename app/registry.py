@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+from urllib.parse import urlsplit
 
 from .concurrency import each
 from .config import Endpoint
@@ -27,6 +28,15 @@ log = logging.getLogger(__name__)
 def base_name(model_id: str) -> str:
     """``/models/llama-3.1-8b.gguf`` -> ``llama-3.1-8b.gguf``; other ids pass unchanged."""
     return model_id.replace("\\", "/").rsplit("/", 1)[-1]
+
+
+def path_shown(url: str) -> str:
+    """A configured URL or path as status texts show it: no user info, query or fragment
+    (where keys hide), and no host (the endpoint's name says which)."""
+    try:
+        return urlsplit(url).path or "/"
+    except ValueError:
+        return "[unparseable url]"
 
 
 def name_key(name: str) -> str:
@@ -183,20 +193,21 @@ class Registry:
         with state.lock:
             state.attempted_at = time.monotonic()
             try:
+                shown = path_shown(endpoint.model_url)
                 status, document = self.pool.get_json(endpoint, endpoint.model_url,
                                                        endpoint.check_timeout)
                 if status in (401, 403) and endpoint.sends_credentials:
                     state.status = Status.AUTH_ERROR
-                    state.detail = (f"{endpoint.model_url} answered {status}: the API key in "
+                    state.detail = (f"{shown} answered {status}: the API key in "
                                     "this endpoint's headers is wrong")
                     raise UpstreamError(state.detail)
                 if status in (401, 403):
                     # No key in the config: clients may bring their own, so keep routing
                     # requests that name no model; this endpoint's models stay unknown.
-                    raise UpstreamError(f"{endpoint.model_url} answered {status}: it needs "
+                    raise UpstreamError(f"{shown} answered {status}: it needs "
                                         "an API key; set one in this endpoint's headers")
                 if status != 200:
-                    raise UpstreamError(f"{endpoint.model_url} answered {status}")
+                    raise UpstreamError(f"{shown} answered {status}")
                 props_status, props = self.pool.get_json(endpoint, "/props",
                                                          endpoint.check_timeout)
             except UpstreamError as exc:

@@ -43,3 +43,20 @@ def test_least_connections_prefers_the_idlest_and_rotates_ties() -> None:
 def test_make_balancer_names() -> None:
     for name in ("priority", "round-robin", "least-connections"):
         assert callable(make_balancer(name))
+
+
+def test_the_default_balancer_is_least_busy_free_slots_then_priority() -> None:
+    from app.config import ProxySettings
+
+    balance = make_balancer(ProxySettings().load_balancer)
+    pool = states(("low", 10), ("high", 90), ("mid", 50), ("full", 100))
+    slots = {"low": 4, "high": 2, "mid": 2, "full": 2}
+    busy = {"low": 0, "high": 0, "mid": 0, "full": 2}
+    for state in pool:
+        state.props = {"total_slots": slots[state.endpoint.name]}
+        state.in_flight = busy[state.endpoint.name]
+    # Most free slots first (low: 4), then by priority among equals (high before mid);
+    # the full one last, still there for failover.
+    assert names(balance(pool)) == ["low", "high", "mid", "full"]
+    pool[0].in_flight = 3            # low now has 1 free: the 2-free ones go first
+    assert names(balance(pool)) == ["high", "mid", "low", "full"]

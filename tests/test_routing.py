@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import responses
 
 from app.balancer import priority
 from app.config import Endpoint, ProxySettings
@@ -84,3 +85,25 @@ def test_endpoint_lacking_the_route_goes_last() -> None:
     r.registry.states["chat-1"].unsupported.add("embedding")
     r.registry.states["chat-2"].unsupported.add("embedding")
     assert r.candidates(None, "embedding")[0].state.endpoint.name == "code"
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("/v1/models?api_key=sk-1", "/v1/models"),
+    ("http://user:pw@host:8080/v1/models?key=x#f", "/v1/models"),
+    ("/v1/models", "/v1/models"),
+    ("", "/"),
+])
+def test_status_texts_show_configured_urls_without_secrets(url: str, shown: str) -> None:
+    from app.registry import path_shown
+
+    assert path_shown(url) == shown
+
+
+def test_a_discovery_failure_names_no_query_string(fake: responses.RequestsMock) -> None:
+    endpoint = Endpoint(name="a", url="http://a.test:8080",
+                        model_url="/v1/models?api_key=sk-secret-123")
+    fake.get("http://a.test:8080/v1/models", status=404, json={})
+    registry = Registry((endpoint,), UpstreamPool((endpoint,), ProxySettings()))
+    assert not registry.discover(registry.states["a"])
+    error = registry.states["a"].discovery_error or ""
+    assert error == "/v1/models answered 404" and "sk-secret" not in error
