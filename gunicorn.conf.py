@@ -69,7 +69,8 @@ def child_exit(server, worker):  # type: ignore[no-untyped-def]
 
 
 def on_exit(server):  # type: ignore[no-untyped-def]
-    """Stop the embedded llama.cpp with the master."""
+    """Stop the embedded llama.cpp with the master; remove the metrics directory."""
+    metrics.remove_directory(os.environ)
     process = getattr(server, "olla_embedded", None)
     if process is not None:
         embedded.stop(process)

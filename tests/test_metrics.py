@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import responses
@@ -151,3 +153,34 @@ def test_only_llamacpp_families_are_reexported() -> None:
     families = list(reexported([state]))
     assert [f.name for f in families] == ["llamacpp:requests_processing"]
     assert families[0].samples[0].labels == {"endpoint": "evil"}
+
+
+def test_the_metrics_directory_removes_only_what_the_proxy_made(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from app import metrics_dir
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "counter_4242.db").write_bytes(b"someone else's")
+    foreign = shared / "olla-metrics-notours"
+    foreign.mkdir()                                   # no owner file: not ours
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    stale = shared / "olla-metrics-stale"
+    stale.mkdir()
+    (stale / metrics_dir.OWNER_FILE).write_text(gone)  # a previous run, its master gone
+    (stale / "counter_1.db").write_bytes(b"old")
+    live = shared / "olla-metrics-live"
+    live.mkdir()
+    (live / metrics_dir.OWNER_FILE).write_text(str(os.getpid()))  # a running proxy's
+
+    environ = {metrics_dir.MULTIPROC_ENV: str(shared)}
+    made = metrics_dir.prepare_directory(environ)
+    assert environ[metrics_dir.MULTIPROC_ENV] == made
+    assert Path(made).parent == shared and os.listdir(made) == [metrics_dir.OWNER_FILE]
+    assert (shared / "counter_4242.db").exists() and foreign.exists() and live.exists()
+    assert not stale.exists()
+    metrics_dir.remove_directory(environ)
+    assert not Path(made).exists() and (shared / "counter_4242.db").exists()

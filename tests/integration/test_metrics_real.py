@@ -24,8 +24,10 @@ def scrape(proxy: Proxy) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 
 
 def pids_in(directory: Path) -> set[str]:
-    """Processes that wrote counters into the multiprocess directory."""
-    return {path.stem.rsplit("_", 1)[-1] for path in directory.glob("counter_*.db")}
+    """Processes that wrote counters into the multiprocess directory (into the proxy's own
+    directory inside the one it was given)."""
+    return {path.stem.rsplit("_", 1)[-1]
+            for path in directory.glob("olla-metrics-*/counter_*.db")}
 
 
 def test_two_workers_one_truth(start_proxy: Callable[..., Proxy], llama_chat: LlamaServer,
