@@ -21,6 +21,9 @@ from marshmallow import RAISE, Schema, ValidationError, fields, validate, valida
 DEFAULT_CONFIG_PATH = Path("config/config.yaml")
 MIB = 1024 * 1024
 KNOWN_PREFIXES = ("llamacpp", "llama-cpp", "llama_cpp")
+# The balancers app/balancer.py implements (it checks that it has each one; this module
+# cannot import it: gunicorn's master reads the config before its workers patch sockets).
+BALANCER_NAMES = ("least-busy", "least-connections", "priority", "round-robin")
 WORKER_COUNT_ENV = "OLLA_WORKER_COUNT"  # set in each gunicorn worker by gunicorn.conf.py
 
 
@@ -246,7 +249,7 @@ class ProxySchema(Strict):
     max_response_size = fields.Integer(strict=True, validate=validate.Range(min=1024))
     assemble_non_streamed = StrictBoolean()
     load_balancer = fields.String(
-        validate=validate.OneOf(["least-busy", "least-connections", "priority", "round-robin"])
+        validate=validate.OneOf(BALANCER_NAMES)
     )
     queue = fields.Nested(QueueSchema)
 
@@ -257,7 +260,7 @@ class EndpointSchema(Strict):
         error="must be an http(s) URL without credentials, query or fragment"))
     name = fields.String(validate=validate.Regexp(
         r"^[^\x00-\x1f\x7f]+$", error="must be text without control characters"))
-    type = fields.String(validate=validate.OneOf(["llamacpp", "llama-cpp", "llama_cpp"]))
+    type = fields.String(validate=validate.OneOf(KNOWN_PREFIXES))
     priority = fields.Integer(strict=True)
     headers = fields.Dict(keys=fields.String(), values=fields.String())
     health_check_url = fields.String()
@@ -458,7 +461,7 @@ def settings_from_mapping(raw: Mapping[str, Any] | None,
     if duplicates:
         raise ConfigError(f"endpoints: duplicate endpoint name(s): {', '.join(duplicates)}")
     logging_raw = data.get("logging", {})
-    prefixes = tuple(data.get("routing", {}).get("prefixes", ("llamacpp",)))
+    prefixes = tuple(data.get("routing", {}).get("prefixes", Settings.prefixes))
     return Settings(
         server=server,
         proxy=proxy,
@@ -468,8 +471,8 @@ def settings_from_mapping(raw: Mapping[str, Any] | None,
         discovery_interval=_discovery_interval(data.get("discovery", {})),
         embedded=EmbeddedSettings(**data.get("embedded", {})),
         state=_state(data.get("state", {}), environ),
-        log_level=logging_raw.get("level", "info"),
-        log_format=logging_raw.get("format", "text"),
+        log_level=logging_raw.get("level", Settings.log_level),
+        log_format=logging_raw.get("format", Settings.log_format),
         log_output=logging_raw.get("output", Settings.log_output),
     )
 

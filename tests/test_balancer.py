@@ -60,3 +60,10 @@ def test_the_default_balancer_is_least_busy_free_slots_then_priority() -> None:
     assert names(balance(pool)) == ["low", "high", "mid", "full"]
     pool[0].in_flight = 3            # low now has 1 free: the 2-free ones go first
     assert names(balance(pool)) == ["high", "mid", "low", "full"]
+
+
+def test_the_config_offers_exactly_the_balancers_there_are() -> None:
+    from app.balancer import BALANCERS
+    from app.config import BALANCER_NAMES
+
+    assert sorted(BALANCERS) == sorted(BALANCER_NAMES)
