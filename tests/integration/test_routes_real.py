@@ -245,7 +245,10 @@ def steady(answer: dict[str, object]) -> dict[str, object]:
 
 
 @pytest.mark.parametrize(("route", "body"), [
-    ("completion", {"prompt": "The capital of France is", "n_predict": 12, "n_probs": 2}),
+    # The model named, so that the proxy sends it to the server compared with (the fixture
+    # has an embedding server too, which would answer a model-less request as well).
+    ("completion", {"model": CHAT_ALIAS, "prompt": "The capital of France is", "n_predict": 12,
+                    "n_probs": 2}),
     ("v1/completions", {"model": CHAT_ALIAS, "prompt": "Once upon a time", "max_tokens": 10,
                         "logprobs": 2}),
     ("v1/chat/completions", {**CHAT, "model": CHAT_ALIAS, "max_tokens": 12}),
