@@ -69,8 +69,6 @@ def _usable(state: EndpointState) -> bool:
 class Dispatcher:
     """Hands out slots as leases; FIFO per model, oldest waiter first across models."""
 
-    shared = False
-
     def __init__(self, queue: QueueSettings, metrics: Metrics | None = None,
                  workers: int = 1, lease_ttl: float = 8.0) -> None:
         self.settings = queue
@@ -261,9 +259,7 @@ class Dispatcher:
                 for state in waiter.eligible:
                     name = state.endpoint.name
                     waiting[name] = waiting.get(name, 0) + 1
-            in_use: dict[str, int] = {}
-            for held in self.book._held.values():
-                in_use[held.endpoint] = in_use.get(held.endpoint, 0) + 1
+            in_use = self.book.by_endpoint()
             return QueueView(
                 depth=len(waiters),
                 longest_wait=max((now - w.arrived for w in waiters), default=0.0),

@@ -10,10 +10,9 @@ of a worker that dies (SIGKILL) come back once that expiry passes.
 from __future__ import annotations
 
 import os
-import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -32,7 +31,6 @@ class Lease:
     id: str
     request_id: str
     state: EndpointState
-    taken: float = field(default_factory=time.monotonic)
     released: bool = False
     # When the request's last write to its client started, while that write is blocked
     # (monotonic; None when nothing is being written): for ``proxy.write_timeout``.
@@ -54,7 +52,6 @@ class Held:
     id: str
     request_id: str
     state: EndpointState
-    expires: float                       # monotonic; pushed forward by every renewal
 
     @property
     def endpoint(self) -> str:
@@ -72,7 +69,7 @@ class LeaseBook:
     def add(self, lease: Lease) -> None:
         """Start tracking a lease just taken."""
         self._held[lease.id] = Held(weakref.ref(lease), lease.id, lease.request_id,
-                                    lease.state, time.monotonic() + self.ttl)
+                                    lease.state)
 
     def remove(self, lease_id: str) -> Held | None:
         """Stop tracking a lease given back; what was held, or None if it was not."""
@@ -87,23 +84,23 @@ class LeaseBook:
                 out.append(lease)
         return out
 
-    def sweep(self, now: float | None = None) -> list[Held]:
-        """Renew every lease still held; take out and return those whose holder dropped
-        them without giving them back."""
-        now = time.monotonic() if now is None else now
+    def sweep(self) -> list[Held]:
+        """Take out and return the leases whose holder dropped them without giving them
+        back (the rest are still held: renewed, where a shared table keeps an expiry)."""
         lost: list[Held] = []
         for lease_id, held in list(self._held.items()):
             lease = held.ref()
             if lease is None or lease.released:
                 lost.append(held)
                 del self._held[lease_id]
-            else:
-                held.expires = now + self.ttl
         return lost
 
-    def count(self, state: EndpointState) -> int:
-        """Leases this worker holds on one endpoint."""
-        return sum(1 for h in self._held.values() if h.state is state)
+    def by_endpoint(self) -> dict[str, int]:
+        """Leases this worker holds, per endpoint name."""
+        counts: dict[str, int] = {}
+        for held in self._held.values():
+            counts[held.endpoint] = counts.get(held.endpoint, 0) + 1
+        return counts
 
     def __len__(self) -> int:
         return len(self._held)

@@ -331,8 +331,6 @@ class SharedDispatcher(Dispatcher):
     """``Dispatcher`` over a Redis table shared by every worker and host, falling back to
     the local one (with this worker's share of the slots) while Redis is unreachable."""
 
-    shared = True
-
     def __init__(self, queue: QueueSettings, settings: StateSettings,
                  states: Mapping[str, EndpointState], metrics: Metrics | None = None,
                  workers: int = 1, worker: str | None = None) -> None:
