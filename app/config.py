@@ -74,7 +74,8 @@ class RequestLimits:
     max_body_size: int = 100 * MIB       # bytes; 413 beyond
     max_header_size: int = 8190          # bytes of one header line (and the request line)
     max_json_depth: int = 100            # nesting of objects and lists; 400 beyond
-    max_list_items: int = 262144         # items of messages, prompt, input, tokens, content
+    max_list_items: int = 262144         # items in any one list (or members of one object)
+    max_json_values: int = 524288        # values in the whole body (strings, numbers, ...)
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,10 @@ class ServerSettings:
 
     host: str = "localhost"
     port: int = 40114
+    # Olla's names. Whole deadlines, not gaps between bytes: a request's headers, from its
+    # first byte (408 or a closed connection beyond), and its body, from its headers (408).
+    read_header_timeout: float = 10.0
+    read_timeout: float = 30.0
     request_limits: RequestLimits = field(default_factory=RequestLimits)
 
     @property
@@ -223,13 +228,17 @@ class RequestLimitsSchema(Strict):
     # gunicorn's own bounds for a header line: at least 1 KiB, at most 8190 for the
     # request line (its limit_request_line cap).
     max_header_size = fields.Integer(strict=True, validate=validate.Range(min=1024))
-    max_json_depth = fields.Integer(strict=True, validate=validate.Range(min=2))
+    # Python's C parser gives up near 1000 levels: the limit stays well below it.
+    max_json_depth = fields.Integer(strict=True, validate=validate.Range(min=2, max=500))
     max_list_items = fields.Integer(strict=True, validate=validate.Range(min=1))
+    max_json_values = fields.Integer(strict=True, validate=validate.Range(min=1))
 
 
 class ServerSchema(Strict):
     host = fields.String()
     port = fields.Integer(strict=True, validate=validate.Range(min=1, max=65535))
+    read_header_timeout = Duration(validate=POSITIVE)
+    read_timeout = Duration(validate=POSITIVE)
     request_limits = fields.Nested(RequestLimitsSchema)
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
+from collections.abc import Mapping
+from typing import Any
 
-from flask import Flask, Response
+from flask import Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -31,6 +35,14 @@ class InvalidRequest(ProxyError):
     status = 400
     type = "invalid_request_error"
     code = "invalid_parameter"
+
+
+class RequestTimeout(ProxyError):
+    """The client did not send its whole body in time (``server.read_timeout``)."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class RouteNotFound(ProxyError):
@@ -98,7 +110,19 @@ def json_error(status: int, message: str, type_: str, code: str,
 
 
 def _from_proxy_error(exc: ProxyError) -> Response:
+    if isinstance(exc, RequestTimeout):
+        stop_reading(request.environ)
     return json_error(exc.status, exc.message, exc.type, exc.code, exc.headers)
+
+
+def stop_reading(environ: Mapping[str, Any]) -> None:
+    """Read nothing more from this client: after a body that was not (or not all) read,
+    the connection closes once the answer is written, instead of gunicorn reading the rest
+    of the body to reach a next request."""
+    sock = environ.get("gunicorn.socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RD)
 
 
 _HTTP_CODES = {400: ("invalid_request_error", "invalid_parameter"),
@@ -113,7 +137,9 @@ def _from_http_exception(exc: HTTPException) -> Response:
     type_, code = _HTTP_CODES.get(status, ("server_error", "http_error"))
     message = exc.description or exc.name
     if status == 413:
-        message = "Request body too large"
+        message = (f"Request body too large: at most {current_app.config['MAX_CONTENT_LENGTH']}"
+                   " bytes are accepted (server.request_limits.max_body_size)")
+        stop_reading(request.environ)
     response = json_error(status, message, type_, code)
     if status == 405 and exc.response is None:
         allow = getattr(exc, "valid_methods", None)

@@ -11,7 +11,7 @@ import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from marshmallow import INCLUDE, Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import INCLUDE, Schema, ValidationError, fields, validates_schema
 
 _REQUIRED = {"required": "is required", "null": "must not be null"}
 
@@ -144,21 +144,43 @@ class OpenAICompletionSchema(Sampling):
     prompt = Prompt(required=True)
 
 
-class MessageSchema(Payload):
-    error_messages = {"type": "must be an object"}
+class Messages(fields.Field[Any]):
+    """A non-empty list of message objects, each with a string ``role``; errors keyed by
+    index, as a nested schema reports them. A plain loop: a list of 262144 messages is
+    checked in milliseconds, where a nested schema takes seconds."""
 
-    role = Str(required=True)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(error_messages=dict(_REQUIRED), **kwargs)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Mapping[str, Any] | None,
+                     **kwargs: Any) -> Any:
+        if not isinstance(value, list):
+            raise ValidationError("must be a non-empty list of objects")
+        if not value:
+            raise ValidationError("must be a non-empty list")
+        for index, message in enumerate(value):
+            if type(message) is dict and type(message.get("role")) is str:
+                continue
+            if message is None:
+                problem: Any = ["must not be null"]
+            elif not isinstance(message, dict):
+                problem = ["must be an object"]
+            elif "role" not in message:
+                problem = {"role": ["is required"]}
+            elif message["role"] is None:
+                problem = {"role": ["must not be null"]}
+            elif not isinstance(message["role"], str):
+                problem = {"role": ["must be a string"]}
+            else:
+                continue  # a dict or str subclass: what json never makes, but valid
+            raise ValidationError({index: problem})
+        return value
 
 
 class ChatCompletionSchema(Sampling):
     """POST /v1/chat/completions."""
 
-    messages = fields.List(
-        fields.Nested(MessageSchema, error_messages={"type": "must be an object", **_REQUIRED}),
-        required=True,
-        validate=validate.Length(min=1, error="must be a non-empty list"),
-        error_messages={"invalid": "must be a non-empty list of objects", **_REQUIRED},
-    )
+    messages = Messages(required=True)
 
 
 class InfillSchema(Sampling):

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 KEEPALIVE = b": keepalive\n\n"
+MAX_EVENT = 1 << 20  # bytes of an event read in pieces that are kept to find its timings
 KEEPALIVE_DUE = object()  # time to send KEEPALIVE
 END = object()       # the upstream body ended
 TIMEOUT = object()   # nothing arrived before the wake-up time
@@ -208,6 +209,7 @@ def relay(source: Source, exchange: Exchange, clock: Clock, first: Any, *, opena
     marks = lease if lease is not None else _NoLease()
     endpoint = exchange.state.endpoint.name
     last_stats: bytes | None = None
+    begun = b""  # the start of an event whose end is still to come
     ok = True
     item = first
     try:
@@ -247,10 +249,19 @@ def relay(source: Source, exchange: Exchange, clock: Clock, first: Any, *, opena
                         marks.writing_since = time.monotonic()
                         yield before + data_error_event(legacy, openai)
                         break
-                    if b'data: {"error"' in item:
-                        ok = False  # relayed as it is, counted as what it is
-                if b'"timings"' in item or b'"usage"' in item:
-                    last_stats = item
+                # An event may arrive in pieces (a body without chunked framing is read
+                # as the socket has it): what the last piece began is looked at again.
+                seen = begun + item if begun else item
+                if b"error" in seen and b'data: {"error"' in seen:
+                    ok = False  # relayed as it is, counted as what it is
+                if b'"timings"' in seen or b'"usage"' in seen:
+                    last_stats = seen
+                if item.endswith(b"\n\n"):
+                    begun = b""
+                else:
+                    begun = seen[seen.rfind(b"\n\n") + 2:]
+                    if len(begun) > MAX_EVENT:
+                        begun = b""  # too long to be one event worth parsing
                 clock.last_byte = clock.last_sent = time.perf_counter()
                 marks.writing_since = time.monotonic()
                 yield item

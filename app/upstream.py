@@ -50,6 +50,7 @@ _NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect", "accept-encod
 # Not relayed back: recomputed by the WSGI server, or ours to set.
 _NOT_RELAYED = HOP_BY_HOP | {"content-length", "server", "date"}
 POOL_SIZE = 1024
+READ_SIZE = 64 * 1024        # most bytes of a body read at once
 POLL_LIMIT = 16 * 1024 * 1024   # bytes of a probe's or poll's answer (/props, /slots...)
 
 
@@ -140,9 +141,17 @@ class Upstream:
             self.close()
 
     def chunks(self) -> Iterator[bytes]:
-        """Raw body chunks as they arrive (one per upstream HTTP chunk), undecoded."""
+        """Raw body chunks as they arrive, undecoded: one per upstream HTTP chunk (a large
+        one in pieces of at most ``READ_SIZE``), or, for a body without chunked framing
+        (close-delimited, or with a length), whatever the socket has, never waiting to fill
+        a buffer while a stream's events are ready to go on."""
+        raw = self.response.raw
         try:
-            yield from self.response.raw.stream(None, decode_content=False)
+            if raw.chunked:
+                yield from raw.read_chunked(READ_SIZE, decode_content=False)
+                return
+            while data := raw.read1(READ_SIZE, decode_content=False):
+                yield data
         except (requests.RequestException, Urllib3HTTPError, OSError) as exc:
             raise _translate(exc) from exc
 

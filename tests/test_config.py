@@ -685,15 +685,27 @@ def test_write_timeout_and_assembly_settings() -> None:
 def test_request_limits_defaults_and_keys() -> None:
     limits = settings_from_mapping({}, environ={}).server.request_limits
     assert (limits.max_body_size, limits.max_header_size, limits.max_json_depth,
-            limits.max_list_items) == (100 * MIB, 8190, 100, 262144)
+            limits.max_list_items, limits.max_json_values) == (100 * MIB, 8190, 100, 262144,
+                                                               524288)
     loaded = settings_from_mapping({"server": {"request_limits": {
         "max_body_size": 1000, "max_header_size": 4096, "max_json_depth": 20,
-        "max_list_items": 50}}}, environ={}).server.request_limits
+        "max_list_items": 50, "max_json_values": 70}}}, environ={}).server.request_limits
     assert (loaded.max_body_size, loaded.max_header_size, loaded.max_json_depth,
-            loaded.max_list_items) == (1000, 4096, 20, 50)
+            loaded.max_list_items, loaded.max_json_values) == (1000, 4096, 20, 50, 70)
+
+
+def test_read_timeouts_are_olla_keys_with_olla_defaults() -> None:
+    server = settings_from_mapping({}, environ={}).server
+    assert (server.read_header_timeout, server.read_timeout) == (10.0, 30.0)
+    server = settings_from_mapping({"server": {"read_header_timeout": "2s",
+                                               "read_timeout": "1m"}}, environ={}).server
+    assert (server.read_header_timeout, server.read_timeout) == (2.0, 60.0)
+    with pytest.raises(ConfigError, match=r"server\.read_timeout"):
+        settings_from_mapping({"server": {"read_timeout": "0s"}}, environ={})
 
 
 @pytest.mark.parametrize(("key", "value"), [("max_header_size", 100), ("max_json_depth", 1),
+                                            ("max_json_depth", 501), ("max_json_values", 0),
                                             ("max_list_items", 0), ("max_body_size", "1MB")])
 def test_bad_request_limits_stop_start_up(key: str, value: object) -> None:
     with pytest.raises(ConfigError, match=f"server.request_limits.{key}"):

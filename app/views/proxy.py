@@ -12,8 +12,8 @@ from typing import Any
 from flask import Blueprint, Response, g, request
 from marshmallow import Schema
 
-from .. import disconnect, schemas
-from ..errors import InvalidRequest, MethodNotAllowed, RouteNotFound
+from .. import concurrency, disconnect, schemas
+from ..errors import InvalidRequest, MethodNotAllowed, RequestTimeout, RouteNotFound
 from ..forward import BACKEND_TYPE, Forward
 from ..forward import Request as ForwardRequest
 from ..guard import FORWARD_KEY
@@ -23,6 +23,7 @@ from ..services import services
 bp = Blueprint("proxy", __name__)
 
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+BODY_PIECE = 1 << 20  # bytes of a request body read at once
 MODELS_MAX_AGE = 5.0  # seconds a discovered model list is trusted when listing models
 _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
@@ -120,13 +121,31 @@ def proxy(prefix: str, subpath: str) -> Response:
     route = _route(prefix, subpath)
     if route.schema is None:
         return _list_models()
-    body = request.get_data(cache=False)
-    payload = parse(body, services().settings.server.request_limits)
+    body = _body()
+    payload = parse(body, services().settings.server.request_limits, concurrency.pause)
     errors = schemas.check(route.schema, payload)
     if errors:
         raise InvalidRequest(schemas.validation_message(errors))
     model = payload.get("model")
     return _forward(subpath, route, body, payload, model if isinstance(model, str) else None)
+
+
+def _body() -> bytes:
+    """The request's body, whole within ``server.read_timeout`` of its headers. Read a
+    piece at a time, pausing in between: a large body the client has already sent is
+    otherwise read in one go, without a wait that would let the other greenlets run."""
+    limit = services().settings.server.read_timeout
+    left = limit - (time.perf_counter() - g.started)
+    stream = request.stream
+    with concurrency.deadline(left, RequestTimeout(
+            f"Request timeout: the body did not arrive within {limit:g} s "
+            "(server.read_timeout)")):
+        pieces: list[bytes] = []
+        while piece := stream.read(BODY_PIECE):
+            if pieces:
+                concurrency.pause()
+            pieces.append(piece)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
 def _list_models() -> Response:

@@ -25,7 +25,8 @@ def proxy(start_proxy: Callable[..., Proxy]) -> Iterator[Proxy]:
     """A proxy with small request limits; its one endpoint is not there (no request here
     needs an upstream)."""
     yield start_proxy({
-        "server": {"request_limits": {"max_header_size": HEADER_LIMIT, "max_json_depth": 32,
+        "server": {"read_header_timeout": "1s", "read_timeout": "2s",
+                   "request_limits": {"max_header_size": HEADER_LIMIT, "max_json_depth": 32,
                                       "max_list_items": 1000, "max_body_size": 1_000_000}},
         "endpoints": [{"url": "http://127.0.0.1:9", "name": "absent"}]})
 
@@ -119,6 +120,80 @@ def test_odd_bodies_are_400_json_without_reaching_upstream(proxy: Proxy, body: b
     response = requests.post(proxy.url + "/olla/llamacpp/completion", data=body, timeout=10)
     assert response.status_code == 400, response.text[:300]
     assert envelope(response.content)["code"] == code
+    still_serves(proxy)
+
+
+def trickle(sock: socket.socket, data: bytes, every: float, seconds: float) -> float:
+    """Send ``data`` a byte every ``every`` s (each gap short) until the server ends the
+    connection or ``seconds`` pass; when it ended, in seconds, or inf."""
+    started = time.monotonic()
+    for byte in data * 1000:
+        if time.monotonic() - started > seconds:
+            return float("inf")
+        try:
+            sock.sendall(bytes([byte]))
+        except OSError:
+            return time.monotonic() - started
+        time.sleep(every)
+    return float("inf")
+
+
+def test_headers_not_complete_within_read_header_timeout_close_the_connection(
+        proxy: Proxy) -> None:
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(b"GET /internal/health HTTP/1.1\r\nHost: x\r\n")
+        # A header byte every 0.2 s: no gap is long, the whole is (1 s allowed).
+        ended = trickle(sock, b"X-Slow: abcdefgh\r\n", 0.2, seconds=8)
+        assert ended < 5, "the connection was kept open while its headers trickled in"
+    still_serves(proxy)
+
+
+def test_a_kept_alive_connection_may_stay_idle_longer_than_the_header_deadline(
+        proxy: Proxy) -> None:
+    request = b"GET /internal/health HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        for _ in range(2):
+            sock.sendall(request)
+            data = b""
+            while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+                chunk = sock.recv(65536)
+                assert chunk, "the server closed a kept-alive connection"
+                data += chunk
+            assert data.startswith(b"HTTP/1.1 200")
+            time.sleep(1.5)  # idle for longer than read_header_timeout (1 s)
+        # Two requests sent at once: the second, already buffered, is answered too.
+        sock.sendall(request * 2)
+        data = b""
+        while data.count(b"HTTP/1.1 200") < 2:
+            chunk = sock.recv(65536)
+            assert chunk, "the pipelined request was not answered"
+            data += chunk
+
+
+def test_a_body_not_complete_within_read_timeout_is_408_json(proxy: Proxy) -> None:
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(b"POST /olla/llamacpp/completion HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+                     b'{"prompt": "')
+        answered: list[bytes] = []
+
+        def read() -> None:
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+            answered.append(data)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        started = time.monotonic()
+        trickle(sock, b"x", 0.2, seconds=6)  # ends when the server closes
+        reader.join(10)
+        took = time.monotonic() - started
+    head, _, body = answered[0].partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), answered[0][:200]
+    error = envelope(body)
+    assert error["code"] == "request_timeout" and "server.read_timeout" in error["message"]
+    assert took < 5  # 2 s allowed, then the connection is closed, not read on
     still_serves(proxy)
 
 
