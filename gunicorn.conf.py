@@ -52,8 +52,9 @@ def on_starting(server):  # type: ignore[no-untyped-def]
     if _settings.endpoints or not _settings.embedded.enabled or os.environ.get(embedded.ENV_URL):
         return
     server.log.info("no endpoints configured: starting the embedded llama.cpp (Gemma 3 270M)")
-    process, url = embedded.start(_settings.embedded)
+    process, url, key = embedded.start(_settings.embedded)
     os.environ[embedded.ENV_URL] = url
+    os.environ[embedded.ENV_KEY] = key  # for the workers only (see app.embedded)
     server.olla_embedded = process
     server.log.info("embedded llama.cpp ready at %s", url)
 

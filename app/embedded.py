@@ -4,12 +4,18 @@
 on the Gemma 3 270M model from PyPI, with embeddings on, so that a fresh install answers
 the spec's curl and OpenAI SDK examples at once. The gunicorn master starts it as a child
 process before forking workers and stops it on exit.
+
+It listens on loopback and refuses every request without the API key the master makes at
+start (``secrets.token_urlsafe``) and hands to it and to the workers in the environment,
+never on a command line (``ps`` shows those to every local user): other users of the
+machine cannot reach its ``/slots`` or generate on it behind the proxy's back.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import select
 import signal
 import socket
@@ -22,6 +28,7 @@ from pathlib import Path
 from .config import EmbeddedSettings, Endpoint, Settings
 
 ENV_URL = "OLLA_EMBEDDED_URL"
+ENV_KEY = "OLLA_EMBEDDED_KEY"  # the embedded server's API key, which only the proxy holds
 ENDPOINT_NAME = "local-llamacpp"
 MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
 # The spec's examples name these models; in the demo they resolve to the local Gemma.
@@ -35,8 +42,11 @@ def with_embedded_endpoint(settings: Settings) -> Settings:
         return settings
     aliases: dict[str, tuple[str, ...]] = {name: (MODEL_FILE,) for name in SPEC_EXAMPLE_MODELS}
     aliases.update(settings.model_aliases)
-    return replace(settings, endpoints=(Endpoint(name=ENDPOINT_NAME, url=url, priority=100),),
-                   model_aliases=aliases)
+    key = os.environ.get(ENV_KEY)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return replace(settings, endpoints=(
+        Endpoint(name=ENDPOINT_NAME, url=url, priority=100, headers=headers),),
+        model_aliases=aliases)
 
 
 def free_port(host: str) -> int:
@@ -46,12 +56,15 @@ def free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
-def start(options: EmbeddedSettings, timeout: float = 120.0) -> tuple[subprocess.Popen[bytes], str]:
-    """Start the embedded server as a child process and wait until it listens.
+def start(options: EmbeddedSettings,
+          timeout: float = 120.0) -> tuple[subprocess.Popen[bytes], str, str]:
+    """Start the embedded server as a child process and wait until it listens: the
+    process, its URL, and the API key it requires.
 
     The child says so on a pipe of its own: the gunicorn master must not import an HTTP
     client (and with it ssl) before its gevent workers patch the standard library.
     """
+    key = secrets.token_urlsafe(32)
     port = options.port or free_port(options.host)
     url = f"http://{options.host}:{port}"
     ready_read, ready_write = os.pipe()
@@ -59,7 +72,8 @@ def start(options: EmbeddedSettings, timeout: float = 120.0) -> tuple[subprocess
                "--n-parallel", str(options.n_parallel), "--n-ctx", str(options.n_ctx),
                "--threads", str(options.threads), "--ready-fd", str(ready_write)]
     try:
-        process = subprocess.Popen(command, pass_fds=(ready_write,))
+        process = subprocess.Popen(command, pass_fds=(ready_write,),
+                                   env={**os.environ, ENV_KEY: key})
     finally:
         os.close(ready_write)
     try:
@@ -68,7 +82,7 @@ def start(options: EmbeddedSettings, timeout: float = 120.0) -> tuple[subprocess
     finally:
         os.close(ready_read)
     if said.startswith(b"READY"):
-        return process, url
+        return process, url, key
     stop(process)
     if process.returncode not in (None, 0, -signal.SIGTERM):
         raise RuntimeError(f"the embedded llama.cpp exited with code {process.returncode}")
@@ -125,6 +139,9 @@ def serve(host: str, port: int, n_parallel: int, n_ctx: int, threads: int,
     params.embedding = True
     params.pooling_type = xllamacpp.llama_pooling_type.LLAMA_POOLING_TYPE_MEAN
     params.endpoint_metrics = True
+    key = os.environ.pop(ENV_KEY, "")
+    if key:
+        params.api_keys = [key]
     if threads:
         params.cpuparams.n_threads = threads
     parent = os.getppid()

@@ -3,6 +3,7 @@ curl and OpenAI SDK examples at once."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -91,6 +92,36 @@ def test_spec_openai_sdk_example(demo: str) -> None:
         assert len(embeddings.data[0].embedding) > 100
     finally:
         client.close()
+
+
+def test_the_embedded_backend_answers_only_the_proxy(demo: str) -> None:
+    endpoints = requests.get(demo + "/internal/status/endpoints", timeout=5).json()["endpoints"]
+    assert len(endpoints) == 1 and "Bearer" not in json.dumps(endpoints)
+    embedded = endpoints[0]["url"].rstrip("/")
+    assert embedded.startswith("http://127.0.0.1:")
+    # Directly, without the key only the proxy holds: refused.
+    assert requests.get(embedded + "/slots", timeout=5).status_code == 401
+    direct = requests.post(embedded + "/v1/chat/completions", timeout=10, json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert direct.status_code == 401
+    # The key is not on the embedded server's command line, which any local user can read.
+    port = embedded.rsplit(":", 1)[1].encode()
+    lines = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"app.embedded" in text and b"--port " + port in text:
+            lines.append(text)
+    assert len(lines) == 1 and b"key" not in lines[0], lines
+    # Through the proxy: served (the proxy sends the key, not the client's own).
+    slots = requests.get(demo + "/internal/status/endpoints", timeout=5).json()
+    assert slots["endpoints"][0]["status"] == "healthy"
+    chat = requests.post(demo + "/olla/llamacpp/v1/chat/completions", timeout=30,
+                         headers={"Authorization": "Bearer a-clients-own-key"},
+                         json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert chat.status_code == 200, chat.text
 
 
 def test_embedded_backend_does_not_outlive_its_master(tmp_path: Path) -> None:
