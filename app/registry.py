@@ -208,12 +208,19 @@ class Registry:
                                         "an API key; set one in this endpoint's headers")
                 if status != 200:
                     raise UpstreamError(f"{shown} answered {status}")
-                props_status, props = self.pool.get_json(endpoint, "/props",
-                                                         endpoint.check_timeout)
             except UpstreamError as exc:
                 state.discovery_error = exc.message
                 log.warning("discovery failed for %s: %s", endpoint.name, exc.message)
                 return False
+            # /props only adds to what /v1/models says (slots, context): an answer too large
+            # or too slow is an issue on the endpoint, and its models are still served.
+            problem = None
+            try:
+                props_status, props = self.pool.get_json(endpoint, "/props",
+                                                         endpoint.check_timeout)
+            except UpstreamError as exc:
+                props_status, props, problem = 0, None, f"/props: {exc.message}"
+                log.warning("discovery of %s: %s", endpoint.name, problem)
             state.props = props if props_status == 200 and isinstance(props, dict) else {}
             state.models = parse_models(document, state.props)
             names = frozenset().union(*(m["_keys"] for m in state.models))
@@ -222,7 +229,7 @@ class Registry:
             state.names = names
             state.discovered_at = time.monotonic()
             state.discovered_wall = time.time()
-            state.discovery_error = None
+            state.discovery_error = problem
             if state.status is Status.AUTH_ERROR:
                 state.status = Status.UNKNOWN  # the key works now; the next probe decides
             return True

@@ -107,3 +107,18 @@ def test_a_discovery_failure_names_no_query_string(fake: responses.RequestsMock)
     assert not registry.discover(registry.states["a"])
     error = registry.states["a"].discovery_error or ""
     assert error == "/v1/models answered 404" and "sk-secret" not in error
+
+
+def test_props_over_the_poll_cap_is_an_issue_and_the_models_are_still_served(
+        fake: responses.RequestsMock) -> None:
+    from app.upstream import POLL_LIMIT
+
+    endpoint = Endpoint(name="a", url="http://a.test:8080")
+    fake.get("http://a.test:8080/v1/models", json={"object": "list", "data": [{"id": "m"}]})
+    fake.get("http://a.test:8080/props", body=b'{"filler": "' + b"x" * POLL_LIMIT + b'"}')
+    registry = Registry((endpoint,), UpstreamPool((endpoint,), ProxySettings()))
+    state = registry.states["a"]
+    assert registry.discover(state)
+    assert "m" in state.names and state.props == {}
+    assert state.discovery_error == (
+        f"/props: the upstream's answer is larger than {POLL_LIMIT} bytes")

@@ -193,6 +193,12 @@ class Proxy:
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
 
+    def worker_pids(self) -> list[int]:
+        """The gunicorn workers' process ids (the master's children)."""
+        assert self.process is not None
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        return [int(pid) for pid in children.read_text().split()]
+
 
 def redis_binary() -> str:
     """The redis-server executable (``make test`` installs Debian's)."""

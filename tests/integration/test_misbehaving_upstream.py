@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -219,3 +220,28 @@ def test_a_stream_keeps_its_pace_while_a_huge_body_is_parsed_on_the_same_worker(
     # that cannot be cut: reading it whole, decoding it).
     assert max(gaps) < 0.5
     settled(proxy)
+
+
+def test_polls_over_the_cap_are_an_issue_on_the_endpoint_not_a_worker_blown_up(
+        start_proxy: Callable[..., Proxy]) -> None:
+    huge = ScriptedUpstream(huge_polls=True).start()
+    try:
+        proxy = start_proxy({"endpoints": [{"url": huge.url, "name": "huge",
+                                            "check_interval": "1s"}]})
+        deadline = time.monotonic() + 15
+        while True:
+            found = endpoints(proxy)[0]
+            issues = json.dumps(found.get("issues", []))
+            if "larger than" in issues:
+                break
+            assert time.monotonic() < deadline, found
+            time.sleep(0.2)
+        # /health and /v1/models are small: the endpoint still serves.
+        assert found["status"] == "healthy", found
+        settled(proxy)
+        rss_kib = int(next(line.split()[1] for line in Path(
+            f"/proc/{proxy.worker_pids()[0]}/status").read_text().splitlines()
+            if line.startswith("VmRSS:")))
+        assert rss_kib < 200 * 1024, f"worker RSS {rss_kib} KiB after 20 MiB polls"
+    finally:
+        huge.stop()
