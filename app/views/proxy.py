@@ -140,6 +140,9 @@ def _body() -> bytes:
     with concurrency.deadline(left, RequestTimeout(
             f"Request timeout: the body did not arrive within {limit:g} s "
             "(server.read_timeout)")):
+        length = request.content_length
+        if length is not None and length <= BODY_PIECE:
+            return stream.read(length)  # all of it, or ClientDisconnected (400)
         pieces: list[bytes] = []
         while piece := stream.read(BODY_PIECE):
             if pieces:
