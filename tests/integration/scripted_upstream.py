@@ -10,6 +10,7 @@ field says (the proxy forwards unknown fields untouched):
   closing; one event, then the rest once the test calls ``release()``;
 - ``one_write``: ``x_n`` events (the last with ``timings``) in one chunk of one write, then
   the end of the body once the test calls ``release()``;
+- ``legacy_error``: one event, then an older llama.cpp's bare ``error: {...}`` field;
 - ``reset_after_body``: reads the whole request, then resets the connection;
 - anything else: a small JSON completion.
 """
@@ -151,6 +152,13 @@ class ScriptedUpstream:
             sock.sendall((sse + "Transfer-Encoding: chunked\r\n\r\n").encode()
                          + b"%x\r\n%s\r\n" % (len(events), events))
             self.gate.wait(30)
+            sock.sendall(b"0\r\n\r\n")
+            return True
+        if script == "legacy_error":
+            sock.sendall((sse + "Transfer-Encoding: chunked\r\n\r\n").encode())
+            for data in (event("one"), b'error: {"code": 500, "message": "boom", '
+                                      b'"type": "server_error"}\n\n'):
+                sock.sendall(b"%x\r\n%s\r\n" % (len(data), data))
             sock.sendall(b"0\r\n\r\n")
             return True
         if script == "reset_after_body":

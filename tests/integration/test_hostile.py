@@ -269,3 +269,31 @@ def test_a_trickling_upstream_cannot_stall_the_health_checks(
     finally:
         trickle.stop()
         gated.stop()
+
+
+@pytest.mark.parametrize("request_id", [b"evil\xff\xfe", b"a b", b'x" onload=1', b"x" * 200,
+                                        b"ok\tX-Injected: 1"])
+def test_an_unsafe_request_id_is_replaced_never_echoed(proxy: Proxy, request_id: bytes) -> None:
+    status, headers, _ = exchange(proxy, b"GET /olla/llamacpp/v1/models HTTP/1.1\r\nHost: x\r\n"
+                                  b"X-Request-Id: " + request_id + b"\r\n\r\n")
+    assert status == 200
+    assert len(headers["X-Olla-Request-Id"]) == 32 and int(headers["X-Olla-Request-Id"], 16) >= 0
+    assert "X-Injected" not in headers
+    still_serves(proxy)
+
+
+def test_a_folded_header_line_is_400_json(proxy: Proxy) -> None:
+    status, _, body = exchange(proxy, b"GET /internal/health HTTP/1.1\r\nHost: x\r\n"
+                               b"X-Request-Id: a\r\n X-Injected: 1\r\n\r\n")
+    assert status == 400 and envelope(body)["type"] == "invalid_request_error"
+    still_serves(proxy)
+
+
+def test_a_model_name_with_a_line_break_is_never_a_header(proxy: Proxy) -> None:
+    body = json.dumps({"model": "m\r\nSet-Cookie: x=1", "prompt": "hi"}).encode()
+    status, headers, answer = exchange(proxy, b"POST /olla/llamacpp/completion HTTP/1.1\r\n"
+                                       b"Host: x\r\nContent-Type: application/json\r\n"
+                                       b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    assert status == 404 and envelope(answer)["code"] == "model_not_found"
+    assert "Set-Cookie" not in headers and "X-Olla-Model" not in headers
+    still_serves(proxy)

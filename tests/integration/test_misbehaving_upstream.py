@@ -137,6 +137,21 @@ def test_a_stream_sent_in_one_write_is_relayed_event_by_event(
     settled(proxy)
 
 
+def test_an_older_llamacpps_bare_error_field_is_a_data_event_and_a_failure(
+        proxy: Proxy) -> None:
+    before = stats(proxy)
+    with requests.post(proxy.url + CHAT, json=chat("legacy_error"), stream=True,
+                       timeout=10) as response:
+        assert response.status_code == 200
+        events = data_events(response.iter_lines(), until=b"[DONE]")
+    assert json.loads(events[0])["choices"][0]["delta"]["content"] == "one"
+    assert json.loads(events[1]) == {"error": {"code": 500, "message": "boom",
+                                               "type": "server_error"}}
+    settled(proxy)
+    after = stats(proxy)
+    assert after.get("failed_requests", 0) == before.get("failed_requests", 0) + 1
+
+
 def test_a_request_whose_upstreams_reset_after_its_body_is_502_and_marks_none_down(
         proxy: Proxy, upstreams: list[ScriptedUpstream]) -> None:
     settled(proxy)
