@@ -189,15 +189,9 @@ class _Walk:
             raise _too_many_values(self.limits)
 
     def object(self, at: int, depth: int, where: str) -> tuple[dict[str, Any], int]:
-        limits, text = self.limits, self.text
-        if depth > limits.max_json_depth:
-            raise _too_deep(limits)
-        self.count(1)
-        members: dict[str, Any] = {}
-        at = _skip(text, at + 1)
-        if text.startswith("}", at):
-            return members, at + 1
-        while True:
+        text, members = self.text, {}
+        at, done = self.opened(at, depth, "}")
+        while not done:
             if not text.startswith('"', at):
                 raise JSONDecodeError("Expecting property name enclosed in double quotes",
                                       text, at)
@@ -205,39 +199,47 @@ class _Walk:
             at = _skip(text, at)
             if not text.startswith(":", at):
                 raise JSONDecodeError("Expecting ':' delimiter", text, at)
-            at = _skip(text, at + 1)
-            members[key], at = self.value(at, depth + 1, f"{where}.{key}" if where else key)
-            if len(members) > limits.max_list_items:
-                raise _too_many_items(where, f"more than {limits.max_list_items}", limits)
-            at = _skip(text, at)
-            if text.startswith(",", at):
-                at = _skip(text, at + 1)
-            elif text.startswith("}", at):
-                return members, at + 1
-            else:
-                raise JSONDecodeError("Expecting ',' delimiter", text, at)
+            members[key], at = self.value(_skip(text, at + 1), depth + 1,
+                                          f"{where}.{key}" if where else key)
+            self.at_most(len(members), where)
+            at, done = self.next_item(at, "}")
+        return members, at
 
     def array(self, at: int, depth: int, where: str) -> tuple[list[Any], int]:
-        limits, text = self.limits, self.text
-        if depth > limits.max_json_depth:
-            raise _too_deep(limits)
-        self.count(1)
         items: list[Any] = []
-        at = _skip(text, at + 1)
-        if text.startswith("]", at):
-            return items, at + 1
-        while True:
-            if len(items) == limits.max_list_items:
-                raise _too_many_items(where, f"more than {limits.max_list_items}", limits)
+        at, done = self.opened(at, depth, "]")
+        while not done:
             value, at = self.value(at, depth + 1, f"{where}[{len(items)}]")
             items.append(value)
-            at = _skip(text, at)
-            if text.startswith(",", at):
-                at = _skip(text, at + 1)
-            elif text.startswith("]", at):
-                return items, at + 1
-            else:
-                raise JSONDecodeError("Expecting ',' delimiter", text, at)
+            self.at_most(len(items), where)
+            at, done = self.next_item(at, "]")
+        return items, at
+
+    def opened(self, at: int, depth: int, close: str) -> tuple[int, bool]:
+        """A list or object opened at ``at``: where its first item is (or after its end),
+        and whether it is empty."""
+        if depth > self.limits.max_json_depth:
+            raise _too_deep(self.limits)
+        self.count(1)
+        at = _skip(self.text, at + 1)
+        if self.text.startswith(close, at):
+            return at + 1, True
+        return at, False
+
+    def next_item(self, at: int, close: str) -> tuple[int, bool]:
+        """After an item: where the next one is (or after the end), and whether it ended."""
+        text = self.text
+        at = _skip(text, at)
+        if text.startswith(",", at):
+            return _skip(text, at + 1), False
+        if text.startswith(close, at):
+            return at + 1, True
+        raise JSONDecodeError("Expecting ',' delimiter", text, at)
+
+    def at_most(self, items: int, where: str) -> None:
+        if items > self.limits.max_list_items:
+            limit = self.limits.max_list_items
+            raise _too_many_items(where, f"more than {limit}", self.limits)
 
     def key(self, at: int, where: str) -> tuple[str, int]:
         """An object's key and where it ends."""
