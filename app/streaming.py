@@ -239,7 +239,10 @@ def relay(source: Source, exchange: Exchange, clock: Clock, first: Any, *, opena
                 marks.writing_since = time.monotonic()
                 yield KEEPALIVE
             else:
-                if b"error" in item:
+                # An event may arrive in pieces (a body without chunked framing is read
+                # as the socket has it): what the last piece began is looked at again.
+                seen = begun + item if begun else item
+                if b"error" in seen:
                     before, legacy = split_legacy_error(item)
                     if legacy is not None:
                         # An older llama.cpp's bare `error:` field, which OpenAI SDKs drop
@@ -249,17 +252,15 @@ def relay(source: Source, exchange: Exchange, clock: Clock, first: Any, *, opena
                         marks.writing_since = time.monotonic()
                         yield before + data_error_event(legacy, openai)
                         break
-                # An event may arrive in pieces (a body without chunked framing is read
-                # as the socket has it): what the last piece began is looked at again.
-                seen = begun + item if begun else item
-                if b"error" in seen and b'data: {"error"' in seen:
-                    ok = False  # relayed as it is, counted as what it is
+                    if b'data: {"error"' in seen:
+                        ok = False  # relayed as it is, counted as what it is
                 if b'"timings"' in seen or b'"usage"' in seen:
                     last_stats = seen
                 if item.endswith(b"\n\n"):
                     begun = b""
                 else:
-                    begun = seen[seen.rfind(b"\n\n") + 2:]
+                    cut = seen.rfind(b"\n\n")
+                    begun = seen[cut + 2:] if cut >= 0 else seen
                     if len(begun) > MAX_EVENT:
                         begun = b""  # too long to be one event worth parsing
                 clock.last_byte = clock.last_sent = time.perf_counter()

@@ -619,6 +619,32 @@ def test_stream_timings_read_from_the_final_event(twins: FlaskClient,
     assert twins.application.extensions["olla"].registry.states["a"].in_flight == 0
 
 
+@pytest.mark.parametrize("piece", [5, 7, 64, 1000])
+def test_events_read_in_pieces_are_still_seen_whole(twins: FlaskClient,
+                                                    fake: responses.RequestsMock,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    piece: int) -> None:
+    """A body without chunked framing is read as the socket has it, cutting events
+    anywhere: the final event's timings are still found, an error event still counted."""
+    from app import upstream
+
+    monkeypatch.setattr(upstream, "READ_SIZE", piece)
+    events = (b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'
+              b'data: {"choices":[{"delta":{},"finish_reason":"stop"}],'
+              b'"timings":{"predicted_n":3,"predicted_per_second":77.0}}\n\n'
+              b"data: [DONE]\n\n")
+    fake.post(f"{TWIN_A}/v1/chat/completions", body=events, content_type="text/event-stream")
+    chat = {"model": "gemma", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    assert twins.post("/olla/llamacpp/v1/chat/completions", json=chat).data == events
+    model = twins.application.extensions["olla"].stats.models["gemma"]
+    assert list(model.tokens_per_second) == [77.0] and model.successes == 1
+    failing = b'data: {"error":{"code":500,"message":"boom","type":"server_error"}}\n\n'
+    fake.replace(responses.POST, f"{TWIN_A}/v1/chat/completions", body=failing,
+                 content_type="text/event-stream")
+    assert twins.post("/olla/llamacpp/v1/chat/completions", json=chat).data == failing
+    assert model.failures == 1
+
+
 def test_client_gone_is_a_quiet_499(two_endpoints: FlaskClient,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from app.errors import ClientDisconnected
