@@ -26,6 +26,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from .errors import register_error_handlers
     from .guard import Guard
     from .services import Services
+    from .views.gate import bp as gate_bp
     from .views.proxy import bp as proxy_bp
     from .views.status import bp as status_bp
 
@@ -33,8 +34,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.server.max_body_size
     app.extensions["olla"] = Services.build(settings, __version__)
-    app.register_blueprint(proxy_bp)
+    app.register_blueprint(proxy_bp)  # first: its request id and clock start every request
+    app.register_blueprint(gate_bp)
     app.register_blueprint(status_bp)
     register_error_handlers(app)
+    if settings.server.cors.enabled:
+        from .cors import enable_cors
+
+        enable_cors(app, settings.server.cors)
     app.wsgi_app = Guard(app.wsgi_app)  # type: ignore[method-assign]
     return app

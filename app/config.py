@@ -7,6 +7,8 @@ references stop start-up with a message naming the offending key.
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import math
 import os
 import re
@@ -17,6 +19,8 @@ from typing import Any
 
 import yaml
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG_PATH = Path("config/config.yaml")
 MIB = 1024 * 1024
@@ -78,6 +82,77 @@ class RequestLimits:
     max_json_values: int = 524288        # values in the whole body (strings, numbers, ...)
 
 
+LOOPBACK_CIDRS = ("127.0.0.0/8", "::1/128")
+# Olla's default: the networks a reverse proxy in front usually sits in.
+PRIVATE_CIDRS = ("127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")
+
+
+@dataclass(frozen=True)
+class RateLimits:
+    """``server.rate_limits``, Olla's keys (requests per minute; 0 = no limit). Client
+    addresses come from ``X-Forwarded-For``/``X-Real-IP`` only when the peer is trusted."""
+
+    global_requests_per_minute: int = 0
+    per_ip_requests_per_minute: int = 0
+    health_requests_per_minute: int = 0
+    burst_size: int = 0                  # most requests within one second, per limit
+    trust_proxy_headers: bool = False
+    trusted_proxy_cidrs: tuple[str, ...] = PRIVATE_CIDRS
+
+    @property
+    def any(self) -> bool:
+        """Whether any of these limits is on."""
+        return bool(self.global_requests_per_minute or self.per_ip_requests_per_minute
+                    or self.health_requests_per_minute)
+
+
+@dataclass(frozen=True)
+class CorsSettings:
+    """``server.cors``, Olla's keys; answered by flask-cors."""
+
+    enabled: bool = False
+    allowed_origins: tuple[str, ...] = ("*",)
+    allowed_methods: tuple[str, ...] = ("GET", "POST", "OPTIONS")
+    allowed_headers: tuple[str, ...] = ("*",)
+    exposed_headers: tuple[str, ...] = ()  # empty: every X-Olla-* and rate-limit header
+    allow_credentials: bool = False
+    max_age: int = 300                     # seconds a browser may cache a preflight
+
+
+@dataclass(frozen=True)
+class InternalAccess:
+    """``server.internal_access``: who may read ``/internal/*`` and ``/version``
+    (``/internal/health`` stays open for liveness probes)."""
+
+    allowed_cidrs: tuple[str, ...] = LOOPBACK_CIDRS
+    admin_key: str | None = field(default=None, repr=False)    # opens all, from anywhere
+    metrics_key: str | None = field(default=None, repr=False)  # opens /internal/metrics
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One inbound API key (``auth.api_keys``): who it is, what it may use, how much."""
+
+    name: str
+    key: str = field(repr=False)
+    models: tuple[str, ...] = ()         # names or globs it may use; empty: every model
+    max_concurrent: int = 0              # slots it may hold at once, fleet-wide; 0: any
+    requests_per_minute: int = 0         # 0: no limit
+    tokens_per_minute: int = 0           # prompt + generated tokens; 0: no limit
+    weight: float = 1.0                  # its share of the slots when they are contended
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """``auth``: no keys, the proxy is open (as Olla is)."""
+
+    api_keys: tuple[ApiKey, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.api_keys)
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     """Where the proxy listens and what it accepts."""
@@ -89,6 +164,9 @@ class ServerSettings:
     read_header_timeout: float = 10.0
     read_timeout: float = 30.0
     request_limits: RequestLimits = field(default_factory=RequestLimits)
+    rate_limits: RateLimits = field(default_factory=RateLimits)
+    cors: CorsSettings = field(default_factory=CorsSettings)
+    internal_access: InternalAccess = field(default_factory=InternalAccess)
 
     @property
     def max_body_size(self) -> int:
@@ -167,6 +245,7 @@ class Settings:
     discovery_interval: float = 30.0
     embedded: EmbeddedSettings = field(default_factory=EmbeddedSettings)
     state: StateSettings = field(default_factory=StateSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
     log_level: str = "info"
     log_format: str = "text"
     log_output: str = "stderr"           # stdout, stderr or a file path
@@ -234,12 +313,90 @@ class RequestLimitsSchema(Strict):
     max_json_values = fields.Integer(strict=True, validate=validate.Range(min=1))
 
 
+def _check_cidr(value: str) -> None:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValidationError(f"{value!r} is not an address or network such as "
+                              "10.0.0.0/8") from None
+
+
+class CidrList(fields.List):  # type: ignore[type-arg]
+    """Addresses or networks (``10.0.0.0/8``, ``::1``)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(fields.String(validate=_check_cidr), **kwargs)
+
+
+class RateLimitsSchema(Strict):
+    global_requests_per_minute = fields.Integer(strict=True, validate=validate.Range(min=0))
+    per_ip_requests_per_minute = fields.Integer(strict=True, validate=validate.Range(min=0))
+    health_requests_per_minute = fields.Integer(strict=True, validate=validate.Range(min=0))
+    burst_size = fields.Integer(strict=True, validate=validate.Range(min=0))
+    trust_proxy_headers = StrictBoolean()
+    trusted_proxy_cidrs = CidrList()
+    # Olla's sweep of idle per-IP buckets; the limiter here expires its windows itself.
+    cleanup_interval = Duration()
+
+
+class CorsSchema(Strict):
+    enabled = StrictBoolean()
+    allowed_origins = fields.List(fields.String())
+    allowed_methods = fields.List(fields.String(validate=validate.Regexp(r"^[A-Za-z]+$")))
+    allowed_headers = fields.List(fields.String())
+    exposed_headers = fields.List(fields.String())
+    allow_credentials = StrictBoolean()
+    max_age = fields.Integer(strict=True, validate=validate.Range(min=0))
+
+    @validates_schema
+    def _coherent(self, data: dict[str, Any], **kwargs: Any) -> None:
+        origins = data.get("allowed_origins", CorsSettings.allowed_origins)
+        if data.get("enabled") and not origins:
+            raise ValidationError("must list at least one origin when CORS is enabled",
+                                  "allowed_origins")
+        if data.get("allow_credentials") and "*" in origins:
+            raise ValidationError("cannot be \"*\" with allow_credentials: browsers refuse "
+                                  "credentials for any origin; list the origins",
+                                  "allowed_origins")
+
+
+class InternalAccessSchema(Strict):
+    allowed_cidrs = CidrList()
+    admin_key = fields.String(validate=validate.Length(min=1))
+    metrics_key = fields.String(validate=validate.Length(min=1))
+
+
+class ApiKeySchema(Strict):
+    name = fields.String(required=True, validate=validate.Regexp(
+        r"^[A-Za-z0-9._:@-]{1,64}$", error="must be 1-64 letters, digits or ._:@-"))
+    key = fields.String(validate=validate.Length(min=1))
+    key_file = fields.String(validate=validate.Length(min=1))
+    models = fields.List(fields.String(validate=validate.Length(min=1)))
+    max_concurrent = fields.Integer(strict=True, validate=validate.Range(min=0))
+    requests_per_minute = fields.Integer(strict=True, validate=validate.Range(min=0))
+    tokens_per_minute = fields.Integer(strict=True, validate=validate.Range(min=0))
+    weight = fields.Float(validate=validate.Range(min=0.01, max=1000))
+
+    @validates_schema
+    def _one_source(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if ("key" in data) == ("key_file" in data):
+            raise ValidationError("give the key either as key or as key_file (one of them)",
+                                  "key")
+
+
+class AuthSchema(Strict):
+    api_keys = fields.List(fields.Nested(ApiKeySchema))
+
+
 class ServerSchema(Strict):
     host = fields.String()
     port = fields.Integer(strict=True, validate=validate.Range(min=1, max=65535))
     read_header_timeout = Duration(validate=POSITIVE)
     read_timeout = Duration(validate=POSITIVE)
     request_limits = fields.Nested(RequestLimitsSchema)
+    rate_limits = fields.Nested(RateLimitsSchema)
+    cors = fields.Nested(CorsSchema)
+    internal_access = fields.Nested(InternalAccessSchema)
 
 
 class QueueSchema(Strict):
@@ -340,6 +497,7 @@ class ConfigSchema(Strict):
     embedded = fields.Nested(EmbeddedSchema)
     state = fields.Nested(StateSchema)
     logging = fields.Nested(LoggingSchema)
+    auth = fields.Nested(AuthSchema)
 
     @validates_schema
     def _one_endpoint_list(self, data: dict[str, Any], **kwargs: Any) -> None:
@@ -426,6 +584,61 @@ def _discovery_interval(discovery: Mapping[str, Any]) -> float:
 REDIS_URL_ENV = "OLLA_REDIS_URL"
 
 
+def _server(raw: Mapping[str, Any], environ: Mapping[str, str]) -> ServerSettings:
+    values = dict(raw)
+    rate = dict(values.pop("rate_limits", {}))
+    if rate.pop("cleanup_interval", None) is not None:
+        log.warning("server.rate_limits.cleanup_interval has no effect here: the rate "
+                    "limiter's windows expire by themselves")
+    for key in ("trusted_proxy_cidrs",):
+        if key in rate:
+            rate[key] = tuple(rate[key])
+    cors: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
+                            for k, v in values.pop("cors", {}).items()}
+    access = dict(values.pop("internal_access", {}))
+    if "allowed_cidrs" in access:
+        access["allowed_cidrs"] = tuple(access["allowed_cidrs"])
+    for key in ("admin_key", "metrics_key"):
+        if key in access:
+            access[key] = expand_env(access[key], f"server.internal_access.{key}",
+                                     environ) or None
+    return ServerSettings(request_limits=RequestLimits(**values.pop("request_limits", {})),
+                          rate_limits=RateLimits(**rate), cors=CorsSettings(**cors),
+                          internal_access=InternalAccess(**access), **values)
+
+
+def _auth(raw: Mapping[str, Any], environ: Mapping[str, str]) -> AuthSettings:
+    """``auth``: every key read (``${VAR}`` expanded, ``key_file`` read and trimmed) and
+    checked to be distinct; a key is never printed, only its name."""
+    keys = []
+    for i, entry in enumerate(raw.get("api_keys", [])):
+        where = f"auth.api_keys[{i}]"
+        values = dict(entry)
+        if "key_file" in values:
+            path = Path(values.pop("key_file"))
+            try:
+                secret = path.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"{where}.key_file: cannot read {path}: "
+                                  f"{type(exc).__name__}") from exc
+        else:
+            secret = expand_env(values.pop("key"), f"{where}.key", environ)
+        if not secret:
+            raise ConfigError(f"{where}.key: the key is empty (after ${{VAR}} expansion)")
+        if not _HEADER_VALUE.fullmatch(secret) or secret != secret.strip():
+            raise ConfigError(f"{where}.key: the key holds spaces at its ends, a line break "
+                              "or a control character")
+        values["models"] = tuple(values.get("models", ()))
+        keys.append(ApiKey(key=secret, **values))
+    names = [k.name for k in keys]
+    for problem, seen in (("name", names), ("key", [k.key for k in keys])):
+        twice = {n for n in seen if seen.count(n) > 1}
+        if twice:
+            shown = ", ".join(sorted(k.name for k in keys if getattr(k, problem) in twice))
+            raise ConfigError(f"auth.api_keys: the same {problem} given twice ({shown})")
+    return AuthSettings(api_keys=tuple(keys))
+
+
 def _state(raw: Mapping[str, Any], environ: Mapping[str, str]) -> StateSettings:
     """``state``, with ``$OLLA_REDIS_URL`` (when set and not empty) in place of the file's
     ``redis_url``; ``${VAR}`` in the URL is expanded (a password kept in the environment)."""
@@ -453,9 +666,7 @@ def settings_from_mapping(raw: Mapping[str, Any] | None,
     except ValidationError as exc:
         raise ConfigError("invalid configuration: " + "; ".join(_flatten(exc.messages))) from exc
 
-    server_raw = dict(data.get("server", {}))
-    server = ServerSettings(request_limits=RequestLimits(**server_raw.pop("request_limits", {})),
-                            **server_raw)
+    server = _server(data.get("server", {}), environ)
     proxy_raw = dict(data.get("proxy", {}))
     proxy = ProxySettings(queue=QueueSettings(**proxy_raw.pop("queue", {})), **proxy_raw)
     endpoint_list = data.get("endpoints")
@@ -480,6 +691,7 @@ def settings_from_mapping(raw: Mapping[str, Any] | None,
         discovery_interval=_discovery_interval(data.get("discovery", {})),
         embedded=EmbeddedSettings(**data.get("embedded", {})),
         state=_state(data.get("state", {}), environ),
+        auth=_auth(data.get("auth", {}), environ),
         log_level=logging_raw.get("level", Settings.log_level),
         log_format=logging_raw.get("format", Settings.log_format),
         log_output=logging_raw.get("output", Settings.log_output),

@@ -45,6 +45,41 @@ class RequestTimeout(ProxyError):
     code = "request_timeout"
 
 
+class NotAuthenticated(ProxyError):
+    """No API key, or one the proxy does not know (``auth.api_keys``)."""
+
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="olla"'})
+
+
+class ModelNotAllowed(ProxyError):
+    """A model outside the API key's ``models``."""
+
+    status = 403
+    type = "permission_error"
+    code = "model_not_allowed"
+
+
+class Forbidden(ProxyError):
+    """A route the ``server.internal_access`` policy does not open to this client."""
+
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
+class RateLimited(ProxyError):
+    """Over a rate limit (``server.rate_limits`` or a key's); with ``Retry-After``."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
 class RouteNotFound(ProxyError):
     status = 404
     type = "invalid_request_error"

@@ -23,6 +23,7 @@ from urllib.parse import quote
 
 from . import assemble
 from .config import Timeouts
+from .dispatch import ANYONE, Share
 from .errors import ClientDisconnected, NoEndpointAvailable, UpstreamError, UpstreamTimeout
 from .health import mark_failed
 from .leases import Lease
@@ -69,6 +70,7 @@ class Request:
     started: float                   # perf_counter at arrival
     watch: Watch | None = None       # the client's socket, watched while waiting
     client_socket: Any = None        # to close it when a write to the client stalls
+    share: Share = ANYONE            # whose request: the API key, for fair shares
 
 
 @dataclass(slots=True)
@@ -206,7 +208,8 @@ class Forward:
         waiting = time.perf_counter()
         lease = svc.dispatcher.acquire(name_key(req.model) if req.model else "",
                                        [c.state for c in remaining], req.request_id,
-                                       wait=req.watch.wait if req.watch else None)
+                                       wait=req.watch.wait if req.watch else None,
+                                       share=req.share)
         self.lease = lease
         if req.client_socket is not None:
             # Not a bound method of this Forward: a lease -> forward -> lease cycle would
@@ -217,7 +220,8 @@ class Forward:
         state = lease.state
         self.exchange = Exchange(state, candidate.served, req.route, req.started,
                                  lambda: svc.dispatcher.release(lease), svc.observers,
-                                 queue_wait_ms=queue_wait * 1000, request_id=req.request_id)
+                                 queue_wait_ms=queue_wait * 1000, request_id=req.request_id,
+                                 client=req.share.name)
         svc.metrics.child(svc.metrics.queue_wait, self.exchange.model).observe(queue_wait)
         return candidate
 

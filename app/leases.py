@@ -31,6 +31,7 @@ class Lease:
     id: str
     request_id: str
     state: EndpointState
+    share: str = ""           # whose slot (the API key's name; "" without keys)
     released: bool = False
     # When the request's last write to its client started, while that write is blocked
     # (monotonic; None when nothing is being written): for ``proxy.write_timeout``.
@@ -52,6 +53,7 @@ class Held:
     id: str
     request_id: str
     state: EndpointState
+    share: str = ""
 
     @property
     def endpoint(self) -> str:
@@ -69,7 +71,7 @@ class LeaseBook:
     def add(self, lease: Lease) -> None:
         """Start tracking a lease just taken."""
         self._held[lease.id] = Held(weakref.ref(lease), lease.id, lease.request_id,
-                                    lease.state)
+                                    lease.state, lease.share)
 
     def remove(self, lease_id: str) -> Held | None:
         """Stop tracking a lease given back; what was held, or None if it was not."""

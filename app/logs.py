@@ -68,13 +68,14 @@ class RequestLog:
     def line(self, request_id: str, endpoint: str, model: str, route: str, status: int,
              ttfb_ms: float | None, total_ms: float,
              usage: tuple[int | None, int | None, float | None] | None,
-             outcome: str = "ok") -> None:
-        """Write one request's line."""
+             outcome: str = "ok", key: str = "") -> None:
+        """Write one request's line (``key``: the API key's name, never the key)."""
         if not self.log.isEnabledFor(logging.INFO):
             return
         prompt, completion, rate = usage or (None, None, None)
         fields: dict[str, Any] = {
-            "request_id": request_id, "endpoint": endpoint, "model": model, "route": route,
+            "request_id": request_id, "key": key or None, "endpoint": endpoint,
+            "model": model, "route": route,
             "status": status, "outcome": outcome,
             "ttfb_ms": round(ttfb_ms, 1) if ttfb_ms is not None else None,
             "total_ms": round(total_ms, 1), "prompt_tokens": prompt,
@@ -87,7 +88,7 @@ class RequestLog:
         """The line for a finished proxied request."""
         self.line(request_id, exchange.state.endpoint.name, exchange.model, exchange.route,
                   status, exchange.ttfb_ms, exchange.total_ms, exchange.usage(),
-                  "ok" if exchange.ok else "upstream_error")
+                  "ok" if exchange.ok else "upstream_error", exchange.client)
 
     def stream_done(self, exchange: Exchange) -> None:
         """The line for a stream, when it ends."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from flask import Flask, current_app
 
+from .access import Access
 from .balancer import make_balancer
 from .concurrency import Repeating
 from .config import WORKER_COUNT_ENV, Settings
@@ -15,6 +16,7 @@ from .dispatch import Dispatcher
 from .health import HealthLoop
 from .logs import RequestLog
 from .metrics import Metrics
+from .ratelimit import Limiter
 from .registry import Registry
 from .routing import Router
 from .stats import Exchange, Stats
@@ -35,13 +37,22 @@ class Services:
     dispatcher: Dispatcher
     metrics: Metrics
     request_log: RequestLog
-
-    @property
-    def observers(self) -> tuple[Callable[[Exchange], None], ...]:
-        """Told about every finished proxied request."""
-        return (self.stats.record, self.metrics.record)
-
     renewer: Repeating
+    access: Access
+    limiter: Limiter
+    observers: tuple[Callable[[Exchange], None], ...] = ()
+
+    def __post_init__(self) -> None:
+        # Told about every finished proxied request.
+        observers: list[Callable[[Exchange], None]] = [self.stats.record, self.metrics.record]
+        if self.limiter.counts_tokens:
+            observers.append(self._count_tokens)
+        self.observers = tuple(observers)
+
+    def _count_tokens(self, exchange: Exchange) -> None:
+        prompt, completion, _ = exchange.usage()
+        if exchange.client:
+            self.limiter.used_tokens(exchange.client, (prompt or 0) + (completion or 0))
 
     @classmethod
     def build(cls, settings: Settings, version: str, workers: int | None = None) -> Services:
@@ -71,8 +82,11 @@ class Services:
         write_timeout = settings.proxy.write_timeout
         renewer = Repeating(lambda: dispatcher.tick(write_timeout),
                             min(1.0, settings.state.lease_ttl / 4), "lease renewal")
+        server = settings.server
+        access = Access.of(settings.auth.api_keys, server.rate_limits, server.internal_access)
+        limiter = Limiter(server.rate_limits, settings.auth.api_keys, settings.state)
         return cls(settings, version, pool, registry, router, health, Stats(), dispatcher,
-                   metrics, RequestLog(), renewer)
+                   metrics, RequestLog(), renewer, access, limiter)
 
     def start_background(self) -> None:
         """Start this worker's health-check and lease-renewing greenlets, and the shared

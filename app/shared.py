@@ -7,9 +7,10 @@ the server: taking a slot, queueing, leaving the queue, giving a slot back — w
 hands it to the oldest eligible waiter anywhere and tells that waiter's worker over
 pub/sub — renewing this worker's leases, and publishing an endpoint's capacity.
 
-The pump (``PUMP`` below) is the one place that decides who is served next: today the
-oldest waiter whose head-of-model position lets it go; an order by more than arrival (fair
-shares per API key) changes that function and the score waiters are queued with.
+The pump (``PUMP`` below) is the one place that decides who is served next: by fair shares
+per API key, as ``app.dispatch.Turns`` does in one worker (least service in 1/weight steps,
+then served longest ago, then oldest), FIFO within a key and model, a key at its
+``max_concurrent`` (counted fleet-wide: ``holding``) passed over.
 
 A worker that dies (SIGKILL) stops renewing: its leases expire after ``state.lease_ttl``
 and the next script run by any worker reclaims them; its waiters are dropped with its
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .config import QueueSettings, StateSettings
-from .dispatch import Dispatcher, QueueView, Wait, _usable, _wait
+from .dispatch import ANYONE, Dispatcher, QueueView, Share, Wait, _usable, _wait
 from .leases import Lease, new_id
 from .registry import EndpointState
 
@@ -53,18 +54,6 @@ local t = redis.call('TIME')
 local NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local reclaimed = {}
 
-local function reap(ep)
-  local key = P .. ':leases:' .. ep
-  local dead = redis.call('ZRANGEBYSCORE', key, '-inf', NOW)
-  for _, id in ipairs(dead) do
-    redis.call('ZREM', key, id)
-    local info = redis.call('HGET', P .. ':lease_info', id) or ''
-    redis.call('HDEL', P .. ':lease_info', id)
-    reclaimed[#reclaimed + 1] = id .. '\\t' .. ep .. '\\t' .. info
-  end
-  return redis.call('ZCARD', key)
-end
-
 -- Expired leases are reaped by every worker's renewal (each second), the capacity and
 -- status scripts: not here, on every request's path.
 local function free(ep)
@@ -74,9 +63,51 @@ local function free(ep)
   return tonumber(cap) - used
 end
 
-local function grant(ep, id, rid, worker)
+-- Fair shares: service per share in 1/weight steps against a virtual clock (the service
+-- of the share served last), the turn each was last served at, slots each holds.
+local function standing(share)
+  local clock = tonumber(redis.call('GET', P .. ':vclock') or '0')
+  local service = tonumber(redis.call('HGET', P .. ':service', share) or '0')
+  return math.max(service, clock), tonumber(redis.call('HGET', P .. ':last', share) or '0')
+end
+
+local function room(share, max)
+  if max <= 0 then return true end
+  return tonumber(redis.call('HGET', P .. ':holding', share) or '0') < max
+end
+
+local function grant(ep, id, rid, worker, share, weight)
   redis.call('ZADD', P .. ':leases:' .. ep, NOW + TTL, id)
-  redis.call('HSET', P .. ':lease_info', id, rid .. '\\t' .. worker)
+  redis.call('HSET', P .. ':lease_info', id, rid .. '\\t' .. worker .. '\\t' .. share)
+  redis.call('HINCRBY', P .. ':holding', share, 1)
+  if weight then
+    local level = standing(share)
+    redis.call('SET', P .. ':vclock', level)
+    redis.call('HSET', P .. ':service', share, level + 1 / weight)
+    redis.call('HSET', P .. ':last', share, redis.call('INCR', P .. ':turn'))
+  end
+end
+
+-- A lease is gone (given back or expired): its share holds one slot less.
+local function ungrant(id)
+  local info = redis.call('HGET', P .. ':lease_info', id) or ''
+  redis.call('HDEL', P .. ':lease_info', id)
+  local share = string.match(info, '^[^\\t]*\\t[^\\t]*\\t(.*)$')
+  if share and redis.call('HINCRBY', P .. ':holding', share, -1) <= 0 then
+    redis.call('HDEL', P .. ':holding', share)
+  end
+  return info
+end
+
+local function reap(ep)
+  local key = P .. ':leases:' .. ep
+  local dead = redis.call('ZRANGEBYSCORE', key, '-inf', NOW)
+  for _, id in ipairs(dead) do
+    redis.call('ZREM', key, id)
+    local info = ungrant(id)
+    reclaimed[#reclaimed + 1] = id .. '\\t' .. ep .. '\\t' .. info
+  end
+  return redis.call('ZCARD', key)
 end
 
 -- Endpoint names travel joined by newlines (config names hold no control characters).
@@ -92,36 +123,68 @@ local function drop_waiter(id, key)
 end
 """
 
-# The one place that chooses who is served: oldest first; FIFO within a model (a model whose
-# head cannot be served holds back its later waiters); waiters past their deadline or whose
-# worker stopped beating are dropped.
+# The one place that chooses who is served (as app.dispatch.Turns): of the first waiter of
+# each share and model, the share with the least service, then the one served longest ago,
+# then the oldest; a share at its max_concurrent is passed over; one that finds no free slot
+# holds back its share's later waiters for that model. Waiters past their deadline, or whose
+# worker stopped beating, are dropped.
 PUMP = """
 local function pump()
-  local blocked = {}
+  local groups, order = {}, {}
   local ids = redis.call('ZRANGE', P .. ':waiters', 0, LAST_WAITER)
-  for _, id in ipairs(ids) do
+  for seq, id in ipairs(ids) do
     local w = P .. ':w:' .. id
-    local f = redis.call('HMGET', w, 'key', 'eligible', 'worker', 'deadline', 'request_id')
+    local f = redis.call('HMGET', w, 'key', 'eligible', 'worker', 'deadline', 'request_id',
+                         'share', 'weight', 'max')
     local key = f[1]
     if not key then
       redis.call('ZREM', P .. ':waiters', id)
     elseif tonumber(f[4]) < NOW or redis.call('EXISTS', P .. ':hb:' .. f[3]) == 0 then
       drop_waiter(id, key)
       redis.call('DEL', w)
-    elseif not blocked[key] then
-      local chosen = nil
-      for ep in names(f[2]) do
-        if free(ep) > 0 then chosen = ep break end
+    else
+      local share = f[6] or ''
+      local g = share .. '\\n' .. key
+      if not groups[g] then
+        groups[g] = {next = 1, share = share, weight = tonumber(f[7] or '1'),
+                     max = tonumber(f[8] or '0')}
+        order[#order + 1] = g
       end
-      if chosen then
-        grant(chosen, id, f[5], f[3])
-        drop_waiter(id, key)
-        redis.call('HSET', w, 'endpoint', chosen)
-        redis.call('PEXPIRE', w, 60000)
-        redis.call('PUBLISH', P .. ':grant:' .. f[3], id .. '\\t' .. chosen)
-      else
-        blocked[key] = true
+      local list = groups[g]
+      list[#list + 1] = {id = id, f = f, seq = seq}
+    end
+  end
+  while true do
+    local best, best_level, best_last, best_seq = nil, 0, 0, 0
+    for _, g in ipairs(order) do
+      local group = groups[g]
+      local head = group[group.next]
+      if head and not group.blocked and room(group.share, group.max) then
+        local level, last = standing(group.share)
+        if not best or level < best_level or (level == best_level and (last < best_last
+            or (last == best_last and head.seq < best_seq))) then
+          best, best_level, best_last, best_seq = g, level, last, head.seq
+        end
       end
+    end
+    if not best then return end
+    local group = groups[best]
+    local head = group[group.next]
+    local f = head.f
+    local chosen = nil
+    for ep in names(f[2]) do
+      if free(ep) > 0 then chosen = ep break end
+    end
+    if chosen then
+      grant(chosen, head.id, f[5], f[3], group.share, group.weight)
+      drop_waiter(head.id, f[1])
+      local w = P .. ':w:' .. head.id
+      redis.call('HSET', w, 'endpoint', chosen)
+      redis.call('PEXPIRE', w, 60000)
+      redis.call('PUBLISH', P .. ':grant:' .. f[3], head.id .. '\\t' .. chosen)
+      group.next = group.next + 1
+    else
+      group.blocked = true
     end
   end
 end
@@ -129,22 +192,24 @@ end
 
 _SCRIPTS = {
     # key, max_size, worker, request_id, id, timeout_ms, usable now (names), eligible
-    # while waiting (names), then leases this worker gave back since its last
-    # call (ep, id...): released, and handed on, before this request is served
+    # while waiting (names), share, weight, max_concurrent, then leases this worker gave
+    # back since its last call (ep, id...): released, and handed on, before this request
+    # is served
     "acquire": """
 local key, max_size, worker, rid, id = ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
-if #ARGV > 10 then
-  for i = 11, #ARGV, 2 do
+local share, weight, max = ARGV[11], tonumber(ARGV[12]), tonumber(ARGV[13])
+if #ARGV > 13 then
+  for i = 14, #ARGV, 2 do
     redis.call('ZREM', P .. ':leases:' .. ARGV[i], ARGV[i + 1])
-    redis.call('HDEL', P .. ':lease_info', ARGV[i + 1])
+    ungrant(ARGV[i + 1])
   end
   pump()
 end
 local qlen = tonumber(redis.call('HGET', P .. ':qlen', key) or '0')
-if qlen == 0 then
+if qlen == 0 and room(share, max) then
   for ep in names(ARGV[9]) do
     if free(ep) > 0 then
-      grant(ep, id, rid, worker)
+      grant(ep, id, rid, worker, share, weight)
       return {'granted', ep, reclaimed}
     end
   end
@@ -154,10 +219,14 @@ local seq = redis.call('INCR', P .. ':seq')
 local w = P .. ':w:' .. id
 local wait = tonumber(ARGV[8])
 redis.call('HSET', w, 'key', key, 'eligible', ARGV[10], 'worker', worker,
-           'deadline', NOW + wait + 5000, 'arrived', NOW, 'request_id', rid)
+           'deadline', NOW + wait + 5000, 'arrived', NOW, 'request_id', rid,
+           'share', share, 'weight', weight, 'max', max)
 redis.call('PEXPIRE', w, wait + 60000)
 redis.call('ZADD', P .. ':waiters', seq, id)
 redis.call('HINCRBY', P .. ':qlen', key, 1)
+-- Those queued before may be held back by their keys' max_concurrent while a slot is
+-- free for this one (granted at once, told by pub/sub like any other).
+if qlen > 0 then pump() end
 return {'queued', '', reclaimed}
 """,
     # id: leave the queue, or collect the slot granted just before
@@ -174,25 +243,25 @@ return {'left', ''}
     "release": """
 for i = 3, #ARGV, 2 do
   redis.call('ZREM', P .. ':leases:' .. ARGV[i], ARGV[i + 1])
-  redis.call('HDEL', P .. ':lease_info', ARGV[i + 1])
+  ungrant(ARGV[i + 1])
 end
 pump()
 return reclaimed
 """,
     # worker, mode (XX: renew only; ADD: re-register after a rejoin), this worker's
-    # endpoints (names), then ep, id, rid...
+    # endpoints (names), then ep, id, rid, share...
     "renew": """
 local worker, mode = ARGV[3], ARGV[4]
 redis.call('SET', P .. ':hb:' .. worker, '1', 'PX', TTL)
 local i = 6
-while i + 2 <= #ARGV do
+while i + 3 <= #ARGV do
   local ep, id = ARGV[i], ARGV[i + 1]
-  if mode == 'ADD' then
-    grant(ep, id, ARGV[i + 2], worker)
+  if mode == 'ADD' and not redis.call('ZSCORE', P .. ':leases:' .. ep, id) then
+    grant(ep, id, ARGV[i + 2], worker, ARGV[i + 3], nil)
   else
     redis.call('ZADD', P .. ':leases:' .. ep, 'XX', NOW + TTL, id)
   end
-  i = i + 3
+  i = i + 4
 end
 for ep in names(ARGV[5]) do reap(ep) end
 pump()
@@ -401,10 +470,10 @@ class SharedDispatcher(Dispatcher):
     # ------------------------------------------------------------------ taking, giving
 
     def acquire(self, key: str, eligible: Sequence[EndpointState], request_id: str = "",
-                wait: Wait | None = None) -> Lease:
+                wait: Wait | None = None, share: Share = ANYONE) -> Lease:
         """As ``Dispatcher.acquire``, fleet-wide while Redis answers."""
         if not self.reachable:
-            return super().acquire(key, eligible, request_id, wait)
+            return super().acquire(key, eligible, request_id, wait, share)
         # A slot now only where this worker sees the endpoint usable; once queued, any of
         # them, as the shared capacity (published by every worker's probes) allows.
         usable = "\n".join(s.endpoint.name for s in eligible if _usable(s))
@@ -418,22 +487,22 @@ class SharedDispatcher(Dispatcher):
                 verdict, endpoint, reclaimed = self.table.run(
                     "acquire", key, self.settings.max_size, self.table.worker, request_id,
                     lease_id, int(self.settings.timeout * 1000), usable, names,
-                    *self._take_released())
+                    share.name, share.weight, share.max_concurrent, *self._take_released())
             except RedisDown as exc:
                 self._down(exc)
-                return super().acquire(key, eligible, request_id, wait)
+                return super().acquire(key, eligible, request_id, wait, share)
             self._log_reclaimed(reclaimed)
             if verdict == "granted":
-                return self._adopt_shared(lease_id, request_id, endpoint)
+                return self._adopt_shared(lease_id, request_id, endpoint, share)
             if verdict == "full":
                 raise self._exhausted(f"the queue for {key or 'this route'} is full "
                                       f"({self.settings.max_size} waiting, fleet-wide)")
-            return self._await(key, eligible, lease_id, request_id, grant, wait)
+            return self._await(key, eligible, lease_id, request_id, grant, wait, share)
         finally:
             self._grants.pop(lease_id, None)
 
     def _await(self, key: str, eligible: Sequence[EndpointState], lease_id: str,
-               request_id: str, grant: list[Any], wait: Wait | None) -> Lease:
+               request_id: str, grant: list[Any], wait: Wait | None, share: Share) -> Lease:
         """Wait in the shared queue: woken by pub/sub, or finding the grant by polling."""
         deadline = time.monotonic() + self.settings.timeout
         endpoint: str | None = None
@@ -450,7 +519,7 @@ class SharedDispatcher(Dispatcher):
                     endpoint = _text(found) if found else None
         except RedisDown as exc:
             self._down(exc)
-            return super().acquire(key, eligible, request_id, wait)
+            return super().acquire(key, eligible, request_id, wait, share)
         except BaseException:
             # The client went away while waiting: leave the queue, or give back the slot
             # granted just as it left.
@@ -462,7 +531,7 @@ class SharedDispatcher(Dispatcher):
                 raise self._exhausted(f"no slot freed within {self.settings.timeout:g} s")
         else:
             self._forget_waiter(lease_id)
-        return self._adopt_shared(lease_id, request_id, endpoint)
+        return self._adopt_shared(lease_id, request_id, endpoint, share)
 
     def _leave_shared(self, lease_id: str) -> str | None:
         """Leave the shared queue; the endpoint granted meanwhile, if any."""
@@ -484,14 +553,15 @@ class SharedDispatcher(Dispatcher):
         if endpoint is not None:
             self._release_shared(endpoint, lease_id)
 
-    def _adopt_shared(self, lease_id: str, request_id: str, endpoint: Any) -> Lease:
+    def _adopt_shared(self, lease_id: str, request_id: str, endpoint: Any,
+                      share: Share) -> Lease:
         name = _text(endpoint)
         state = self.states.get(name)
         if state is None:  # another host's endpoint under a name this one lacks
             self._release_shared(name, lease_id)
             raise self._exhausted(f"the shared table granted unknown endpoint {name!r}")
         with self._lock:
-            return self._adopt(Lease(lease_id, request_id, state))
+            return self._adopt(Lease(lease_id, request_id, state, share.name))
 
     def _give_back(self, lease_id: str, state: EndpointState) -> None:
         self._release_shared(state.endpoint.name, lease_id)
@@ -575,7 +645,7 @@ class SharedDispatcher(Dispatcher):
     def _renew(self, mode: str) -> None:
         args: list[str] = []
         for lease in self.book.live():
-            args += [lease.endpoint, lease.id, lease.request_id]
+            args += [lease.endpoint, lease.id, lease.request_id, lease.share]
         self._log_reclaimed(self.table.run("renew", self.table.worker, mode, self._names,
                                            *args))
 

@@ -102,6 +102,7 @@ class Exchange:
     observers: Sequence[Callable[[Exchange], None]] = ()
     queue_wait_ms: float = 0.0
     request_id: str = ""
+    client: str = ""                        # the API key's name ("" without keys)
     overhead_ms: float | None = None        # the proxy's own time before sending upstream
     ttfb_ms: float | None = None
     status: int = 0

@@ -635,11 +635,13 @@ def _flag(args: Mapping[str, str], name: str) -> bool | None:
 
 
 def unified_models(svc: Services, args: Mapping[str, str] | None = None,
-                   clock: Clock | None = None) -> dict[str, Any]:
+                   clock: Clock | None = None,
+                   visible: Callable[[str], bool] = lambda name: True) -> dict[str, Any]:
     """``GET /olla/models``: Olla's unified catalogue. Lists every discovered model with
     every endpoint serving it and its state there. Filters: ``endpoint`` (name),
     ``available`` (true: some endpoint can take requests now), ``family``, ``capability``;
-    ``format=openai`` gives the plain OpenAI list."""
+    ``format=openai`` gives the plain OpenAI list. Only models ``visible`` by their id or an
+    alias (the API key's scope) are listed."""
     args = args or {}
     clock = clock or Clock.now()
     output = args.get("format") or "unified"
@@ -655,6 +657,7 @@ def unified_models(svc: Services, args: Mapping[str, str] | None = None,
         and (available is None or m.available == available)
         and (not family or m.family == family.lower())
         and (not capability or capability.lower() in m.capabilities)
+        and any(visible(name) for name in (m.id, *m.aliases))
     ]
     data: list[dict[str, Any]] = []
     for model in selected:

@@ -735,3 +735,60 @@ def test_latin1_header_values_are_fine() -> None:
     settings = settings_from_mapping({"endpoints": [{"url": "http://a:1", "headers": {
         "X-Team": "caf\u00e9"}}]}, environ={})
     assert settings.endpoints[0].headers["X-Team"] == "caf\u00e9"
+
+
+def test_api_keys_from_the_config_the_environment_or_a_file(tmp_path: Path) -> None:
+    secret = tmp_path / "bob.key"
+    secret.write_text("sk-bob-from-file\n")
+    auth = settings_from_mapping({"auth": {"api_keys": [
+        {"name": "alice", "key": "${ALICE_KEY}", "models": ["gemma*"], "max_concurrent": 2,
+         "requests_per_minute": 60, "tokens_per_minute": 1000, "weight": 2},
+        {"name": "bob", "key_file": str(secret)}]}},
+        environ={"ALICE_KEY": "sk-alice"}).auth
+    alice, bob = auth.api_keys
+    assert auth.enabled and (alice.key, bob.key) == ("sk-alice", "sk-bob-from-file")
+    assert (alice.models, alice.max_concurrent, alice.requests_per_minute,
+            alice.tokens_per_minute, alice.weight) == (("gemma*",), 2, 60, 1000, 2.0)
+    assert "sk-alice" not in repr(auth)  # a key never shows, only its name
+    assert not settings_from_mapping({}, environ={}).auth.enabled
+
+
+@pytest.mark.parametrize(("keys", "message"), [
+    ([{"name": "a"}], "key either as key or as key_file"),
+    ([{"name": "a", "key": "k", "key_file": "/x"}], "key either as key or as key_file"),
+    ([{"name": "a", "key": "${EMPTY:-}"}], "the key is empty"),
+    ([{"name": "a", "key": " k "}], "spaces at its ends"),
+    ([{"name": "a", "key": "k1"}, {"name": "a", "key": "k2"}], "the same name given twice"),
+    ([{"name": "a", "key": "k"}, {"name": "b", "key": "k"}], "the same key given twice (a, b)"),
+    ([{"name": "a b", "key": "k"}], "auth.api_keys[0].name"),
+    ([{"name": "a", "key_file": "/nonexistent/key"}], "cannot read"),
+    ([{"name": "a", "key": "k", "weight": 0}], "weight"),
+])
+def test_bad_api_keys_stop_start_up_naming_no_key(keys: list[dict[str, object]],
+                                                  message: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        settings_from_mapping({"auth": {"api_keys": keys}}, environ={})
+    assert message in str(raised.value)
+    assert "k1" not in str(raised.value) and "k2" not in str(raised.value)
+
+
+def test_rate_limits_cors_and_internal_access_keys() -> None:
+    server = settings_from_mapping({"server": {
+        "rate_limits": {"global_requests_per_minute": 1000, "per_ip_requests_per_minute": 100,
+                        "burst_size": 50, "health_requests_per_minute": 1000,
+                        "cleanup_interval": "5m", "trust_proxy_headers": True,
+                        "trusted_proxy_cidrs": ["10.0.0.0/8"]},
+        "cors": {"enabled": True, "allowed_origins": ["http://a"], "max_age": 60},
+        "internal_access": {"allowed_cidrs": ["10.1.0.0/16"], "admin_key": "${ADMIN}"}}},
+        environ={"ADMIN": "adm"}).server
+    assert server.rate_limits.burst_size == 50 and server.rate_limits.trust_proxy_headers
+    assert server.rate_limits.trusted_proxy_cidrs == ("10.0.0.0/8",)
+    assert server.cors.allowed_origins == ("http://a",) and server.cors.max_age == 60
+    assert server.internal_access.allowed_cidrs == ("10.1.0.0/16",)
+    assert server.internal_access.admin_key == "adm"
+    defaults = settings_from_mapping({}, environ={}).server
+    assert not defaults.rate_limits.any and not defaults.cors.enabled
+    assert defaults.internal_access.allowed_cidrs == ("127.0.0.0/8", "::1/128")
+    with pytest.raises(ConfigError, match="not an address or network"):
+        settings_from_mapping({"server": {"internal_access": {"allowed_cidrs": ["nope"]}}},
+                              environ={})

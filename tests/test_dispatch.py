@@ -8,7 +8,7 @@ import time
 import pytest
 
 from app.config import Endpoint, QueueSettings
-from app.dispatch import SLOTS_EXHAUSTED, Dispatcher
+from app.dispatch import SLOTS_EXHAUSTED, Dispatcher, Share
 from app.errors import ClientDisconnected, SlotsExhausted
 from app.leases import Lease
 from app.registry import EndpointState, Status
@@ -39,15 +39,17 @@ class Client(threading.Thread):
     """Acquires a slot in the background; records what it got."""
 
     def __init__(self, d: Dispatcher, key: str, eligible: list[EndpointState],
-                 log: list[str] | None = None, name: str = "") -> None:
+                 log: list[str] | None = None, name: str = "",
+                 share: Share | None = None) -> None:
         super().__init__(daemon=True)
         self.d, self.key, self.eligible, self.log, self.label = d, key, eligible, log, name
+        self.share = share or Share()
         self.got: Lease | None = None
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
-            self.got = self.d.acquire(self.key, self.eligible)
+            self.got = self.d.acquire(self.key, self.eligible, share=self.share)
             if self.log is not None:
                 self.log.append(self.label)
         except BaseException as exc:  # recorded for the test to check
@@ -114,9 +116,9 @@ def test_a_new_request_does_not_jump_the_queue() -> None:
     a.in_flight -= 1          # the slot frees without pump() (e.g. between two calls)
     late = Client(d, "m", [a])
     late.start()
-    wait_for(lambda: d.depth() == 2)  # it queues behind the waiter, not past it
-    d.pump()
+    # It queues behind the waiter, not past it: the free slot goes to the waiter.
     wait_for(lambda: waiting.got is not None and waiting.got.state is a)
+    wait_for(lambda: d.depth() == 1)
     assert late.got is None
 
 
@@ -281,3 +283,88 @@ def test_a_stalled_write_is_cut_off() -> None:
     lease.writing_since = None       # written: nothing more to cut
     d.tick(write_timeout=2.0)
     assert aborted == [lease.id]
+
+
+HEAVY, LIGHT = Share("heavy"), Share("light")
+
+
+def turns(d: Dispatcher, first: Lease, clients: list[Client], order: list[str]) -> None:
+    """Give the one slot back, again and again, until every client has had it."""
+    held = first
+    for served in range(1, len(clients) + 1):
+        d.release(held)
+        wait_for(lambda served=served: len(order) == served)
+        held = next(c.got for c in clients if c.label == order[-1])  # type: ignore[assignment]
+    d.release(held)
+
+
+def queue_up(d: Dispatcher, a: EndpointState, who: list[tuple[str, Share]],
+             order: list[str]) -> list[Client]:
+    clients = []
+    for label, share in who:
+        client = Client(d, "m", [a], order, label, share)
+        client.start()
+        wait_for(lambda: d.depth() == len(clients) + 1)
+        clients.append(client)
+    return clients
+
+
+def test_a_flooding_key_does_not_starve_another() -> None:
+    d, a = dispatcher(max_size=50), endpoint("a", 1)
+    first = d.acquire("m", [a], share=HEAVY)
+    order: list[str] = []
+    clients = queue_up(d, a, [(f"h{i}", HEAVY) for i in range(6)]
+                       + [("l0", LIGHT), ("l1", LIGHT)], order)
+    turns(d, first, clients, order)
+    # The light key's first request goes at the next turn, its second two turns later;
+    # each key's own requests keep their order.
+    assert order == ["l0", "h0", "l1", "h1", "h2", "h3", "h4", "h5"]
+
+
+def test_a_heavier_weight_gets_more_turns() -> None:
+    d, a = dispatcher(max_size=50), endpoint("a", 1)
+    double = Share("double", weight=2.0)
+    first = d.acquire("m", [a], share=HEAVY)
+    order: list[str] = []
+    clients = queue_up(d, a, [(f"h{i}", HEAVY) for i in range(4)]
+                       + [(f"d{i}", double) for i in range(6)], order)
+    turns(d, first, clients, order)
+    assert order[:6] == ["d0", "d1", "h0", "d2", "d3", "h1"]
+
+
+def test_without_keys_it_is_a_plain_fifo() -> None:
+    d, a = dispatcher(), endpoint("a", 1)
+    first = d.acquire("m", [a])
+    order: list[str] = []
+    clients = queue_up(d, a, [(f"c{i}", Share()) for i in range(4)], order)
+    turns(d, first, clients, order)
+    assert order == ["c0", "c1", "c2", "c3"]
+
+
+def test_a_key_at_its_max_concurrent_waits_while_others_go() -> None:
+    d, a = dispatcher(), endpoint("a", 3)
+    capped = Share("capped", max_concurrent=1)
+    held = d.acquire("m", [a], share=capped)
+    order: list[str] = []
+    waiting = Client(d, "m", [a], order, "capped-2", capped)
+    waiting.start()
+    wait_for(lambda: d.depth() == 1)  # queued although two slots are free
+    other = d.acquire("m", [a], share=LIGHT)  # another key is not held up by it
+    assert a.in_flight == 2 and order == []
+    d.release(held)
+    wait_for(lambda: order == ["capped-2"])
+    assert d.holding == {"capped": 1, "light": 1}
+    d.release(other)
+    d.release(waiting.got)  # type: ignore[arg-type]
+    assert d.holding == {} and a.in_flight == 0
+
+
+def test_max_concurrent_is_split_between_workers_without_shared_state() -> None:
+    d = Dispatcher(QueueSettings(max_size=5, timeout=0.05), workers=2)
+    a = endpoint("a", 8)
+    capped = Share("capped", max_concurrent=4)
+    held = [d.acquire("m", [a], share=capped) for _ in range(2)]
+    with pytest.raises(SlotsExhausted):
+        d.acquire("m", [a], share=capped)  # this worker's half is 2
+    for lease in held:
+        d.release(lease)

@@ -296,3 +296,54 @@ def test_leases_given_back_together_reach_redis_in_one_go(workers: list[Worker],
     assert one["a"].in_flight == 0           # at once, locally
     one.d.settle()
     assert one.d.snapshot().in_use == {"a": 0}
+
+
+def test_fair_shares_hold_across_workers(workers: list[Worker], redis_url: str) -> None:
+    """The heavy key floods from one worker, the light one asks from another: the light
+    key's requests go at the next turn and two turns later, not after the flood."""
+    from app.dispatch import Share
+
+    one = make(workers, redis_url, slots={"a": 1}, max_size=50)
+    two = make(workers, redis_url, slots={"a": 1}, max_size=50)
+    heavy, light = Share("heavy"), Share("light")
+    held = one.acquire(share=heavy)
+    order: list[str] = []
+    waiting = []
+    for label, worker, share in [*[(f"h{i}", one, heavy) for i in range(5)],
+                                 ("l0", two, light), ("l1", two, light)]:
+        client = Waiting(worker, order=order, label=label, share=share)
+        client.start()
+        wait_for(lambda: one.d.snapshot().depth == len(waiting) + 1)
+        waiting.append(client)
+    owner = {id(held): one}
+    for served in range(1, len(waiting) + 1):
+        owner[id(held)].d.release(held)
+        wait_for(lambda served=served: len(order) == served)
+        client = next(c for c in waiting if c.label == order[-1])
+        assert client.lease is not None
+        held = client.lease
+        owner[id(held)] = client.worker
+    owner[id(held)].d.release(held)
+    assert order == ["l0", "h0", "l1", "h1", "h2", "h3", "h4"]
+
+
+def test_max_concurrent_holds_fleet_wide(workers: list[Worker], redis_url: str) -> None:
+    from app.dispatch import Share
+
+    one = make(workers, redis_url, slots={"a": 4})
+    two = make(workers, redis_url, slots={"a": 4})
+    capped = Share("capped", max_concurrent=2)
+    held = [one.acquire(share=capped), two.acquire(share=capped)]
+    third = Waiting(two, share=capped)
+    third.start()
+    wait_for(lambda: one.d.snapshot().depth == 1)   # queued: two are held, on two workers
+    other = one.acquire(share=Share("other"))       # while another key is served at once
+    assert one.d.snapshot().depth == 1
+    one.d.release(held[0])
+    third.join(5)
+    assert third.lease is not None
+    for worker, lease in ((two, held[1]), (one, other), (two, third.lease)):
+        worker.d.release(lease)
+        worker.d.settle()
+    holding = one.d.table.command("HGETALL", one.d.table.key("holding"))
+    assert not holding  # every slot given back is un-counted for its key

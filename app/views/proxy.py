@@ -13,7 +13,15 @@ from flask import Blueprint, Response, g, request
 from marshmallow import Schema
 
 from .. import concurrency, disconnect, schemas
-from ..errors import InvalidRequest, MethodNotAllowed, RequestTimeout, RouteNotFound
+from ..access import may_use
+from ..dispatch import ANYONE
+from ..errors import (
+    InvalidRequest,
+    MethodNotAllowed,
+    ModelNotAllowed,
+    RequestTimeout,
+    RouteNotFound,
+)
 from ..forward import BACKEND_TYPE, Forward
 from ..forward import Request as ForwardRequest
 from ..guard import FORWARD_KEY
@@ -23,6 +31,7 @@ from ..services import services
 bp = Blueprint("proxy", __name__)
 
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+CLIENT_CREDENTIALS = frozenset({"authorization", "x-api-key"})
 BODY_PIECE = 1 << 20  # bytes of a request body read at once
 MODELS_MAX_AGE = 5.0  # seconds a discovered model list is trusted when listing models
 _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -127,7 +136,14 @@ def proxy(prefix: str, subpath: str) -> Response:
     if errors:
         raise InvalidRequest(schemas.validation_message(errors))
     model = payload.get("model")
-    return _forward(subpath, route, body, payload, model if isinstance(model, str) else None)
+    model = model if isinstance(model, str) else None
+    key = g.get("api_key")
+    if not may_use(key, model):
+        raise ModelNotAllowed(
+            f"API key {key.name} may not use model {model}" if model else
+            f"API key {key.name} may use only some models: name one in the request's "
+            "\"model\" field")
+    return _forward(subpath, route, body, payload, model)
 
 
 def _body() -> bytes:
@@ -154,7 +170,10 @@ def _body() -> bytes:
 def _list_models() -> Response:
     svc = services()
     svc.registry.refresh(max_age=MODELS_MAX_AGE)
-    body = json.dumps({"object": "list", "data": svc.registry.models()})
+    key = g.get("api_key")
+    models = [m for m in svc.registry.models()
+              if any(may_use(key, name) for name in (m.get("id"), *(m.get("aliases") or ())))]
+    body = json.dumps({"object": "list", "data": models})
     return Response(body, mimetype="application/json")
 
 
@@ -171,7 +190,7 @@ def _forward(subpath: str, route: Route, body: bytes, payload: dict[str, Any],
         body=body, payload=payload, model=model, headers=_inbound_headers(),
         request_id=g.request_id, started=g.started,
         watch=disconnect.watch(environ) if route.watched else None,
-        client_socket=environ.get("gunicorn.socket")))
+        client_socket=environ.get("gunicorn.socket"), share=g.get("share", ANYONE)))
     g.forward = forward
     environ[FORWARD_KEY] = forward  # for the WSGI guard, should anything escape Flask
     answer = forward.run()
@@ -187,6 +206,11 @@ def _forward(subpath: str, route: Route, body: bytes, payload: dict[str, Any],
 
 def _inbound_headers() -> dict[str, str]:
     inbound = dict(request.headers)
+    if services().access.keys.enabled:
+        # The client's key is the proxy's to check, never an upstream's to see: the
+        # endpoint's own configured credentials (or none) go instead.
+        for name in [k for k in inbound if k.lower() in CLIENT_CREDENTIALS]:
+            del inbound[name]
     inbound["X-Request-Id"] = g.request_id
     forwarded_for = request.headers.get("X-Forwarded-For")
     remote = request.remote_addr or ""

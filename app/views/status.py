@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response, g, request
 
 from .. import status
+from ..access import may_use
 from ..errors import MethodNotAllowed
 from ..metrics import CONTENT_TYPE
 from ..services import services
@@ -63,7 +64,9 @@ def unified_models() -> Response:
     """The unified model catalogue."""
     svc = services()
     svc.registry.refresh()
-    return _json(status.unified_models(svc, request.args))
+    key = g.get("api_key")
+    return _json(status.unified_models(svc, request.args,
+                                       visible=lambda name: may_use(key, name)))
 
 
 @bp.get("/internal/metrics")
