@@ -10,7 +10,7 @@ from flask import Flask, current_app
 
 from .access import Access
 from .balancer import make_balancer
-from .concurrency import Repeating
+from .concurrency import Repeating, gevent_active, spawn
 from .config import WORKER_COUNT_ENV, Settings
 from .dispatch import Dispatcher
 from .health import HealthLoop
@@ -52,7 +52,11 @@ class Services:
     def _count_tokens(self, exchange: Exchange) -> None:
         prompt, completion, _ = exchange.usage()
         if exchange.client:
-            self.limiter.used_tokens(exchange.client, (prompt or 0) + (completion or 0))
+            used = (prompt or 0) + (completion or 0)
+            if self.limiter.shared and gevent_active():  # a Redis round trip: off the path
+                spawn(lambda: self.limiter.used_tokens(exchange.client, used))
+            else:
+                self.limiter.used_tokens(exchange.client, used)
 
     @classmethod
     def build(cls, settings: Settings, version: str, workers: int | None = None) -> Services:

@@ -340,7 +340,9 @@ class SharedTable:
     """The Redis side: connections and the scripts, each call one round trip. Raises
     RedisDown for anything Redis does not do."""
 
-    def __init__(self, settings: StateSettings, worker: str) -> None:
+    def __init__(self, settings: StateSettings, worker: str,
+                 scripts: Mapping[str, str] | None = None) -> None:
+        """``scripts``: name -> whole Lua body; by default the slot table's."""
         import redis
 
         assert settings.redis_url is not None
@@ -353,8 +355,10 @@ class SharedTable:
         self.prefix = settings.key_prefix
         self.ttl_ms = int(settings.lease_ttl * 1000)
         self.worker = worker
-        self._scripts = {name: self.client.register_script(_PRELUDE + PUMP + body)
-                         for name, body in _SCRIPTS.items()}
+        if scripts is None:
+            scripts = {name: _PRELUDE + PUMP + body for name, body in _SCRIPTS.items()}
+        self._scripts = {name: self.client.register_script(body)
+                         for name, body in scripts.items()}
 
     def run(self, name: str, *args: Any) -> Any:
         """Run one script with the prefix and TTL in front of its arguments: EVALSHA on a

@@ -49,6 +49,7 @@ HOP_BY_HOP = frozenset({
 _NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect", "accept-encoding"}
 # Not relayed back: recomputed by the WSGI server, or ours to set.
 _NOT_RELAYED = HOP_BY_HOP | {"content-length", "server", "date"}
+_NOT_RELAYED_PREFIXES = ("x-olla-", "access-control-")
 POOL_SIZE = 1024
 READ_SIZE = 64 * 1024        # most bytes of a body read at once
 POLL_LIMIT = 16 * 1024 * 1024   # bytes of a probe's or poll's answer (/props, /slots...)
@@ -92,11 +93,13 @@ def request_headers(inbound: Mapping[str, str], endpoint: Endpoint) -> dict[str,
 
 
 def response_headers(upstream: Mapping[str, str]) -> list[tuple[str, str]]:
-    """The upstream's response headers that are relayed to the client."""
+    """The upstream's response headers that are relayed to the client: not hop-by-hop, not
+    ours (``X-Olla-*``), and no CORS: llama-server allows every origin itself, and whether a
+    browser may read an answer is the proxy's ``server.cors`` to say."""
     connection_tokens = {t.strip().lower() for t in upstream.get("Connection", "").split(",")}
     drop = _NOT_RELAYED | connection_tokens
     return [(k, v) for k, v in upstream.items()
-            if k.lower() not in drop and not k.lower().startswith("x-olla-")]
+            if k.lower() not in drop and not k.lower().startswith(_NOT_RELAYED_PREFIXES)]
 
 
 @dataclass

@@ -178,10 +178,12 @@ class WrkRun:
     wrk_output: str = ""  # wrk's own report, --latency distribution included
 
 
-def write_wrk_script(directory: Path, body: dict[str, Any]) -> Path:
-    """The Lua script that makes wrk POST ``body`` and report as JSON."""
-    path = directory / "post.lua"
-    path.write_text(WRK_SCRIPT.format(body=json.dumps(body)))
+def write_wrk_script(directory: Path, body: dict[str, Any],
+                     headers: dict[str, str] | None = None, name: str = "post.lua") -> Path:
+    """The Lua script that makes wrk POST ``body`` (with ``headers``) and report as JSON."""
+    path = directory / name
+    extra = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in (headers or {}).items())
+    path.write_text(WRK_SCRIPT.format(body=json.dumps(body)) + extra)
     return path
 
 

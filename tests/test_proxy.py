@@ -346,7 +346,9 @@ def test_upstream_errors_relayed_faithfully(two_endpoints: FlaskClient,
 def test_response_headers(two_endpoints: FlaskClient, fake: responses.RequestsMock) -> None:
     fake.post(f"{CHAT_URL}/tokenize", json={"tokens": [1]},
               headers={"X-Olla-Endpoint": "spoofed", "Connection": "close, X-Private",
-                       "X-Private": "hop", "X-Upstream-Extra": "kept"})
+                       "X-Private": "hop", "X-Upstream-Extra": "kept",
+                       "Access-Control-Allow-Origin": "*",
+                       "Access-Control-Allow-Credentials": "true"})
     response = two_endpoints.post("/olla/llamacpp/tokenize", json={"content": "x"},
                                   headers={"X-Request-Id": "client-req-42"})
     headers = response.headers
@@ -360,6 +362,8 @@ def test_response_headers(two_endpoints: FlaskClient, fake: responses.RequestsMo
     assert headers.getlist("X-Olla-Endpoint") == ["chat"]
     assert "X-Private" not in headers
     assert headers["X-Upstream-Extra"] == "kept"
+    # llama-server's own CORS (any origin) is never relayed: CORS is server.cors's to say.
+    assert not [k for k, _ in headers.items() if k.lower().startswith("access-control-")]
 
 
 @pytest.mark.parametrize("bad", ["has space", "x" * 129, "semi;colon", "new\u00e9"])

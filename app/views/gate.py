@@ -7,7 +7,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, g, request
 
 from ..access import InternalPolicy, presented_key
-from ..dispatch import ANYONE, Share
+from ..dispatch import Share
 from ..errors import Forbidden, NotAuthenticated
 from ..services import services
 
@@ -25,28 +25,35 @@ def _gate() -> Response | None:
         # A browser's preflight: flask-cors adds its headers; no key needed (browsers
         # send none), nothing sent upstream.
         return Response(status=204)
-    address = svc.access.address.resolve(request.remote_addr or "", request.headers)
-    if path == HEALTH:
-        g.rate = svc.limiter.admit_health(address)
-    elif InternalPolicy.guards(path):
-        if not svc.access.internal.allows(path, address, presented_key(request.headers)):
-            raise Forbidden(f"Forbidden: {path} is open to the addresses in "
-                            "server.internal_access.allowed_cidrs, or with its admin key")
-    elif path.startswith("/olla/"):
-        keys = svc.access.keys
+    if path.startswith("/olla/"):
+        keys, limiter = svc.access.keys, svc.limiter
         key = None
         if keys.enabled:
             presented = presented_key(request.headers)
             key = keys.find(presented)
             if key is None:
-                svc.limiter.admit(address, None)  # a flood of bad keys counts too
+                if limiter.active:
+                    limiter.admit(_address(), None)  # a flood of bad keys counts too
                 raise NotAuthenticated(
                     "Missing API key: send it as Authorization: Bearer <key> or X-API-Key"
                     if presented is None else "Invalid API key")
-        g.api_key = key
-        g.share = Share(key.name, key.weight, key.max_concurrent) if key else ANYONE
-        g.rate = svc.limiter.admit(address, key)
+            g.api_key = key
+            g.share = Share(key.name, key.weight, key.max_concurrent)
+        if limiter.active:
+            g.rate = limiter.admit(_address(), key)
+    elif path == HEALTH:
+        if svc.limiter.limits_health:
+            g.rate = svc.limiter.admit_health(_address())
+    elif InternalPolicy.guards(path) and not svc.access.internal.allows(
+            path, _address(), presented_key(request.headers)):
+        raise Forbidden(f"Forbidden: {path} is open to the addresses in "
+                        "server.internal_access.allowed_cidrs, or with its admin key")
     return None
+
+
+def _address() -> str:
+    """The client's address (behind trusted proxies, when so configured)."""
+    return services().access.address.resolve(request.remote_addr or "", request.headers)
 
 
 @bp.after_app_request

@@ -177,8 +177,9 @@ class Proxy:
                 [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
                  "--bind", f"127.0.0.1:{self.port}", *self.extra_args, "wsgi:app"],
                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        # Up once it answers (a model list, 503 without endpoints, 401 with API keys).
         wait_http(self.url + "/olla/llamacpp/v1/models", self.process, timeout=30,
-                  ok=(200, 503))
+                  ok=(200, 401, 503))
         return self
 
     def stop(self) -> None:

@@ -1,0 +1,124 @@
+"""What access control costs per request: one gunicorn worker on the fast fake upstream,
+open, with an API key, with a key and rate limits counted in the worker, and counted in
+Redis.
+
+    .venv/bin/python -m bench.access [--seconds 5] [--rounds 2]
+
+Scenarios ``ns-c1`` and ``ns-c32`` (non-streamed chat with ``wrk``, assembly off, as in
+``python -m bench``). The limits are set high enough never to refuse (a per-address limit,
+the key's requests per minute and tokens per minute: three windows checked, one counted
+after the answer), so what is measured is their cost. The order of configurations is
+reversed every other round. Prints a Markdown table with each configuration's p50 added
+over the open proxy, and writes JSON to ``bench/results/access-<timestamp>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from bench.core import meta, run_reported, stop_all, write_wrk_script
+from bench.overhead import CHAT_PATH, PROXY_PREFIX, Run, chat_body, plain_run, wait_quiet
+from bench.shared import SCENARIOS, describe, summarise
+from bench.tools import FakeUpstream, build_native
+from tests.integration.procs import Proxy, RedisServer
+
+KEY = "sk-bench-0123456789abcdef"
+HIGH = 10**9
+CONFIGS = ("open", "API key", "key + limits", "key + limits in Redis")
+Log = Any
+
+
+def proxy_config(name: str, upstream: str, redis_url: str) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "proxy": {"assemble_non_streamed": False},
+        "endpoints": [{"url": upstream, "name": "fake", "type": "llamacpp"}]}
+    if name != "open":
+        key: dict[str, Any] = {"name": "bench", "key": KEY}
+        if "limits" in name:
+            key.update(requests_per_minute=HIGH, tokens_per_minute=HIGH)
+            config["server"] = {"rate_limits": {"per_ip_requests_per_minute": HIGH}}
+        config["auth"] = {"api_keys": [key]}
+    if "Redis" in name:
+        config["state"] = {"redis_url": redis_url}
+    return config
+
+
+def measure(args: argparse.Namespace, log: Log) -> list[Run]:
+    fake = FakeUpstream(tokens=32, interval_ms=20, first_token_ms=20)
+    redis = RedisServer()
+    runs: list[Run] = []
+    with tempfile.TemporaryDirectory(prefix="olla-bench-access-") as tmp:
+        work = Path(tmp)
+        open_script = write_wrk_script(work, chat_body(False))
+        keyed_script = write_wrk_script(work, chat_body(False),
+                                        {"Authorization": f"Bearer {KEY}"}, "keyed.lua")
+        try:
+            fake.start()
+            redis.start()
+            for round_number in range(args.rounds):
+                order = CONFIGS if round_number % 2 == 0 else CONFIGS[::-1]
+                for name in order:
+                    proxy = Proxy(proxy_config(name, fake.url, redis.url))
+                    try:
+                        proxy.start()
+                        url = proxy.url + PROXY_PREFIX + CHAT_PATH
+                        script = open_script if name == "open" else keyed_script
+                        for scenario in SCENARIOS[:2]:
+                            plain_run(scenario, name, url, script, 1, round_number)  # warm
+                            runs.append(plain_run(scenario, name, url, script, args.seconds,
+                                                  round_number))
+                            if runs[-1].failures:
+                                log(f"{name}: {runs[-1].errors}")
+                            log(describe(runs[-1]))
+                    finally:
+                        stop_all(proxy)
+        finally:
+            redis.stop()
+            stop_all(fake)
+    return runs
+
+
+def markdown(results: dict[str, Any]) -> str:
+    rows = results["summary"]
+    base = {r["scenario"]: r for r in rows if r["target"] == "open"}
+    lines = ["| Scenario | Configuration | req/s | p50 ms | p99 ms | p50 added ms | failed |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        added = r["p50_ms"] - base[r["scenario"]]["p50_ms"]
+        lines.append(f"| {r['scenario']} | {r['target']} | {r['rps']:.0f} | "
+                     f"{r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {added:+.3f} | "
+                     f"{r['failures']} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.access", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--wait-quiet", type=float, default=120.0)
+    args = parser.parse_args(argv)
+    args.workers = 1
+
+    def run(log: Log) -> dict[str, Any]:
+        build_native("fake_upstream")
+        results: dict[str, Any] = {"meta": meta(args)}
+        results["meta"]["busy_elsewhere_percent"] = wait_quiet(args.wait_quiet, log)
+        runs = measure(args, log)
+        results["summary"] = summarise(runs)
+        results["runs"] = [{k: v for k, v in asdict(r).items()
+                            if k not in ("ttfb", "totals", "gaps")} for r in runs]
+        return results
+
+    status, _ = run_reported("access", run, markdown)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
