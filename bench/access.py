@@ -18,14 +18,13 @@ import argparse
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench.core import meta, run_reported, stop_all, write_wrk_script
-from bench.overhead import CHAT_PATH, PROXY_PREFIX, Run, chat_body, plain_run, wait_quiet
-from bench.shared import SCENARIOS, describe, summarise
-from bench.tools import FakeUpstream, build_native
+from bench.core import stop_all, write_wrk_script
+from bench.overhead import CHAT_PATH, PROXY_PREFIX, Run, chat_body, plain_run
+from bench.shared import SCENARIOS, comparison, describe
+from bench.tools import FakeUpstream
 from tests.integration.procs import Proxy, RedisServer
 
 KEY = "sk-bench-0123456789abcdef"
@@ -98,26 +97,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.access", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--wait-quiet", type=float, default=120.0)
-    args = parser.parse_args(argv)
-    args.workers = 1
-
-    def run(log: Log) -> dict[str, Any]:
-        build_native("fake_upstream")
-        results: dict[str, Any] = {"meta": meta(args)}
-        results["meta"]["busy_elsewhere_percent"] = wait_quiet(args.wait_quiet, log)
-        runs = measure(args, log)
-        results["summary"] = summarise(runs)
-        results["runs"] = [{k: v for k, v in asdict(r).items()
-                            if k not in ("ttfb", "totals", "gaps")} for r in runs]
-        return results
-
-    status, _ = run_reported("access", run, markdown)
-    return status
+    return comparison("access", __doc__, argv, measure, markdown, ("fake_upstream",))
 
 
 if __name__ == "__main__":

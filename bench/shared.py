@@ -27,7 +27,7 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -212,8 +212,15 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.shared", description=__doc__,
+def comparison(name: str, description: str | None, argv: Sequence[str] | None,
+               measure: Callable[[argparse.Namespace, Log], list[Run]],
+               markdown: Callable[[dict[str, Any]], str], natives: Sequence[str],
+               targets: Callable[[Sequence[dict[str, Any]]], list[dict[str, Any]]] | None = None,
+               ) -> int:
+    """The command line of a bench that compares configurations of the proxy: options,
+    a quiet machine, the runs, their summary (and targets), reported as Markdown and JSON
+    under ``bench/results/<name>-<timestamp>.json``."""
+    parser = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
@@ -222,19 +229,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.workers = 1
 
     def run(log: Log) -> dict[str, Any]:
-        build_native("fake_upstream")
-        build_native("stream_client")
+        for native in natives:
+            build_native(native)
         results: dict[str, Any] = {"meta": meta(args)}
         results["meta"]["busy_elsewhere_percent"] = wait_quiet(args.wait_quiet, log)
         runs = measure(args, log)
         results["summary"] = summarise(runs)
-        results["targets"] = check_targets(results["summary"])
+        if targets is not None:
+            results["targets"] = targets(results["summary"])
         results["runs"] = [{k: v for k, v in asdict(r).items()
                             if k not in ("ttfb", "totals", "gaps")} for r in runs]
         return results
 
-    status, _ = run_reported("shared", run, markdown)
+    status, _ = run_reported(name, run, markdown)
     return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return comparison("shared", __doc__, argv, measure, markdown,
+                      ("fake_upstream", "stream_client"), check_targets)
 
 
 if __name__ == "__main__":
