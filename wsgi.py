@@ -1,14 +1,3 @@
-"""Production entry point: ``gunicorn wsgi:app`` (gunicorn.conf.py sets the gevent worker).
+"""``gunicorn wsgi:app`` from the repo root: the app of ``app.wsgi``."""
 
-Imported once per worker (no preload), after the gevent worker has patched the standard
-library, so the health-check greenlet started here belongs to this worker.
-"""
-
-from app import create_app, logs
-from app.config import load_settings
-from app.services import services_of
-
-settings = load_settings()
-logs.configure(settings)  # first: building the app may log (e.g. Redis unreachable)
-app = create_app(settings)
-services_of(app).start_background()
+from app.wsgi import app  # noqa: F401

@@ -28,6 +28,7 @@ KNOWN_PREFIXES = ("llamacpp", "llama-cpp", "llama_cpp")
 # The balancers app/balancer.py implements (it checks that it has each one; this module
 # cannot import it: gunicorn's master reads the config before its workers patch sockets).
 BALANCER_NAMES = ("least-busy", "least-connections", "priority", "round-robin")
+CONFIG_FILE_ENV = "OLLA_CONFIG_FILE"
 WORKER_COUNT_ENV = "OLLA_WORKER_COUNT"  # set in each gunicorn worker by gunicorn.conf.py
 
 
@@ -702,7 +703,7 @@ def config_path(explicit: str | None = None,
                 environ: Mapping[str, str] | None = None) -> Path | None:
     """The file to read: ``--config``, else ``OLLA_CONFIG_FILE``, else config/config.yaml."""
     environ = os.environ if environ is None else environ
-    chosen = explicit or environ.get("OLLA_CONFIG_FILE")
+    chosen = explicit or environ.get(CONFIG_FILE_ENV)
     if chosen:
         path = Path(chosen)
         if not path.is_file():

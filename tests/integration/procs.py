@@ -174,8 +174,8 @@ class Proxy:
         env.pop("OLLA_EMBEDDED_URL", None)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
-                 "--bind", f"127.0.0.1:{self.port}", *self.extra_args, "wsgi:app"],
+                [sys.executable, "-m", "gunicorn", "-c", "python:app.gunicorn_conf",
+                 "--bind", f"127.0.0.1:{self.port}", *self.extra_args, "app.wsgi:app"],
                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         # Up once it answers (a model list, 503 without endpoints, 401 with API keys).
         wait_http(self.url + "/olla/llamacpp/v1/models", self.process, timeout=30,

@@ -1,0 +1,276 @@
+"""Relay an upstream SSE body to the client chunk by chunk, with timeouts by phase and
+keepalive comments, closing the upstream on every path.
+
+Under gevent a reader greenlet pulls chunks off the upstream into a queue, so the relay can
+wait with a deadline: the first byte (which covers prompt processing), the silence between
+chunks, the whole exchange, and the next keepalive comment while the first token is
+awaited. Without gevent (tests, other servers) chunks are read in place with only the
+socket's own timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .concurrency import gevent_active
+from .config import Timeouts
+from .errors import UpstreamError, UpstreamTimeout
+from .stats import Exchange, find_timings
+from .upstream import Upstream, reason
+
+if TYPE_CHECKING:
+    from .leases import Lease
+
+log = logging.getLogger(__name__)
+
+KEEPALIVE = b": keepalive\n\n"
+MAX_EVENT = 1 << 20  # bytes of an event read in pieces that are kept to find its timings
+KEEPALIVE_DUE = object()  # time to send KEEPALIVE
+END = object()       # the upstream body ended
+TIMEOUT = object()   # nothing arrived before the wake-up time
+
+
+def sse_error_event(message: str, openai: bool, code: str = "upstream_error") -> bytes:
+    """The final SSE event(s) a client gets when the upstream breaks mid-stream."""
+    event = {"error": {"message": message, "type": "server_error", "code": code}}
+    out = b"data: " + json.dumps(event).encode() + b"\n\n"
+    if openai:
+        out += b"data: [DONE]\n\n"
+    return out
+
+
+def split_legacy_error(chunk: bytes) -> tuple[bytes, bytes | None]:
+    """(what comes before, the JSON) of a bare ``error: {...}`` SSE field in ``chunk``, as
+    older llama.cpp builds sent mid-stream errors; (chunk, None) when there is none."""
+    if chunk.startswith(b"error:"):
+        at = 0
+    else:
+        found = chunk.find(b"\nerror:")
+        if found < 0:
+            return chunk, None
+        at = found + 1
+    line = chunk[at:].split(b"\n", 1)[0]
+    return chunk[:at], line[6:].strip()
+
+
+def data_error_event(raw: bytes, openai: bool) -> bytes:
+    """A ``data: {"error": ...}`` event (and ``[DONE]`` on OpenAI routes) for the JSON an
+    ``error:`` field carried, kept as llama.cpp gave it where it is an error object."""
+    try:
+        found = json.loads(raw)
+    except ValueError:
+        found = None
+    if isinstance(found, dict) and isinstance(found.get("error"), dict):
+        found = found["error"]
+    if not isinstance(found, dict):
+        found = {"message": raw.decode("utf-8", "replace")[:500], "type": "server_error",
+                 "code": "upstream_error"}
+    out = b"data: " + json.dumps({"error": found}).encode() + b"\n\n"
+    return out + (b"data: [DONE]\n\n" if openai else b"")
+
+
+class Source:
+    """The upstream's chunks, readable with a timeout.
+
+    Under gevent a reader greenlet fetches the first chunk, so that the relay can wake up
+    for keepalives while llama.cpp processes the prompt. After it, chunks are read in place
+    with the socket's timeout set to the relay's deadline: a greenlet and a queue hop per
+    chunk would double the cost of relaying a token.
+    """
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self._iterator = upstream.chunks()
+        self._greenlet: Any = None
+        if gevent_active():
+            import gevent
+            from gevent.queue import Queue
+
+            self._queue: Any = Queue()
+            self._greenlet = gevent.spawn(self._fetch_first)
+
+    def _read(self) -> Any:
+        """The next non-empty chunk, END or an UpstreamError."""
+        try:
+            for chunk in self._iterator:
+                if chunk:
+                    return chunk
+            return END
+        except UpstreamError as exc:
+            return exc
+        except Exception as exc:  # e.g. the response torn down under the reader
+            return UpstreamError(f"upstream read failed: {reason(exc)}")
+
+    def _fetch_first(self) -> None:
+        self._queue.put(self._read())
+
+    def next(self, timeout: float) -> Any:
+        """A chunk, END, an UpstreamError, or TIMEOUT after ``timeout`` seconds."""
+        if self._greenlet is not None:
+            from gevent.queue import Empty
+
+            try:
+                item = self._queue.get(timeout=max(0.0, timeout))
+            except Empty:
+                return TIMEOUT
+            self._greenlet = None  # it has finished: from now on, read in place
+            return item
+        if math.isfinite(timeout):
+            self.upstream.set_read_timeout(max(timeout, 0.001))
+        item = self._read()
+        return TIMEOUT if isinstance(item, UpstreamTimeout) else item
+
+    def close(self) -> None:
+        """Stop reading and close the upstream (a half-read stream is aborted). The reader
+        must be gone first: closing a buffered reader another greenlet is inside fails."""
+        if self._greenlet is not None:
+            self._greenlet.kill(block=True, timeout=1.0)
+            self._greenlet = None
+        self.upstream.close()
+
+
+@dataclass
+class Clock:
+    """Deadlines for one stream (perf_counter seconds)."""
+
+    limits: Timeouts
+    keepalive: float
+    started: float
+    last_byte: float | None = None
+    last_sent: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.last_sent = self.started
+        total = self.limits.response_timeout
+        self.total_deadline = self.started + total if total > 0 else math.inf
+
+    def limit(self) -> float:
+        """When waiting must give up: first byte, then the silence between chunks."""
+        if self.last_byte is None:
+            phase = self.started + self.limits.first_byte_timeout
+        else:
+            phase = self.last_byte + self.limits.read_timeout
+        return min(phase, self.total_deadline)
+
+    def wake(self) -> float:
+        """When to stop waiting: the limit, or the next keepalive before the first byte."""
+        if self.last_byte is None and self.keepalive > 0:
+            return min(self.limit(), self.last_sent + self.keepalive)
+        return self.limit()
+
+    def what_ran_out(self) -> str:
+        if self.last_byte is None:
+            return f"no first byte within {self.limits.first_byte_timeout:g} s"
+        now = time.perf_counter()
+        if now >= self.total_deadline:
+            return f"the answer took longer than {self.limits.response_timeout:g} s"
+        return f"nothing for {self.limits.read_timeout:g} s"
+
+
+class _NoLease:
+    """Where the relay marks its writes when no lease is given (tests)."""
+
+    writing_since: float | None = None
+
+
+def first_item(source: Source, clock: Clock) -> Any:
+    """Wait for the first chunk before any byte goes to the client: a chunk, END, an
+    UpstreamError, or KEEPALIVE_DUE when the first keepalive is due first. Raises
+    UpstreamTimeout (504, no byte sent yet) when the first-byte limit runs out."""
+    item = source.next(clock.wake() - time.perf_counter())
+    if item is TIMEOUT:
+        if time.perf_counter() >= clock.limit():
+            raise UpstreamTimeout(f"upstream timed out: {clock.what_ran_out()}")
+        clock.last_sent = time.perf_counter()
+        return KEEPALIVE_DUE
+    if isinstance(item, bytes):
+        clock.last_byte = clock.last_sent = time.perf_counter()
+    return item
+
+
+def relay(source: Source, exchange: Exchange, clock: Clock, first: Any, *, openai: bool,
+          client_gone: Any = lambda: False, lease: Lease | None = None) -> Iterator[bytes]:
+    """Yield what ``first_item`` returned, then the upstream's raw chunks as they arrive.
+
+    The WSGI server closes this generator when the client goes away (its next write
+    fails); ``finally`` then aborts the upstream connection, which is what makes llama.cpp
+    stop generating and free the slot. The last event carrying ``timings`` or ``usage`` is
+    kept (a byte search per chunk) and parsed once at the end. While the WSGI server
+    writes a chunk (between a ``yield`` and the next resumption) ``lease.writing_since``
+    says since when, so that a client that stopped reading can be cut off
+    (``proxy.write_timeout``).
+    """
+    marks = lease if lease is not None else _NoLease()
+    endpoint = exchange.state.endpoint.name
+    last_stats: bytes | None = None
+    begun = b""  # the start of an event whose end is still to come
+    ok = True
+    item = first
+    try:
+        while True:
+            if item is END:
+                break
+            if isinstance(item, UpstreamError):
+                ok = client_gone()
+                if not ok:
+                    log.warning("upstream %s broke mid-stream: %s", endpoint, item.message)
+                    marks.writing_since = time.monotonic()
+                    yield sse_error_event(
+                        f"upstream {endpoint} failed mid-stream: {item.message}", openai)
+                break
+            if item is TIMEOUT:
+                if time.perf_counter() >= clock.limit():
+                    ok = False
+                    why = clock.what_ran_out()
+                    log.warning("upstream %s timed out mid-stream: %s", endpoint, why)
+                    marks.writing_since = time.monotonic()
+                    yield sse_error_event(f"upstream {endpoint} timed out: {why}", openai,
+                                          code="upstream_timeout")
+                    break
+                clock.last_sent = time.perf_counter()
+                item = KEEPALIVE_DUE
+            if item is KEEPALIVE_DUE:
+                marks.writing_since = time.monotonic()
+                yield KEEPALIVE
+            else:
+                # An event may arrive in pieces (a body without chunked framing is read
+                # as the socket has it): what the last piece began is looked at again.
+                seen = begun + item if begun else item
+                if b"error" in seen:
+                    before, legacy = split_legacy_error(item)
+                    if legacy is not None:
+                        # An older llama.cpp's bare `error:` field, which OpenAI SDKs drop
+                        # silently: relayed as the data event newer builds send.
+                        ok = False
+                        log.warning("upstream %s reported an error mid-stream", endpoint)
+                        marks.writing_since = time.monotonic()
+                        yield before + data_error_event(legacy, openai)
+                        break
+                    if b'data: {"error"' in seen:
+                        ok = False  # relayed as it is, counted as what it is
+                if b'"timings"' in seen or b'"usage"' in seen:
+                    last_stats = seen
+                if item.endswith(b"\n\n"):
+                    begun = b""
+                else:
+                    cut = seen.rfind(b"\n\n")
+                    begun = seen[cut + 2:] if cut >= 0 else seen
+                    if len(begun) > MAX_EVENT:
+                        begun = b""  # too long to be one event worth parsing
+                clock.last_byte = clock.last_sent = time.perf_counter()
+                marks.writing_since = time.monotonic()
+                yield item
+            marks.writing_since = None
+            item = source.next(clock.wake() - time.perf_counter())
+    finally:
+        marks.writing_since = None
+        source.close()
+        if last_stats is not None:
+            exchange.timings = find_timings(last_stats)
+        exchange.finish(ok=ok)

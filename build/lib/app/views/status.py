@@ -1,0 +1,94 @@
+"""Olla's status routes: liveness, fleet status, per-model stats, the unified catalogue and
+the version. GET only; the JSON is built in ``app.status``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flask import Blueprint, Response, g, request
+
+from .. import status
+from ..access import may_use
+from ..errors import MethodNotAllowed
+from ..metrics import CONTENT_TYPE
+from ..services import services
+
+bp = Blueprint("status", __name__)
+PATHS = ("/internal/health", "/internal/status", "/internal/status/endpoints",
+         "/internal/status/models", "/internal/stats/models", "/olla/models", "/version",
+         "/internal/metrics")
+
+
+def _json(document: Any) -> Response:
+    response = Response(json.dumps(document), mimetype="application/json")
+    # As Olla: state changes under the client, so caches must revalidate every time.
+    response.headers["Cache-Control"] = "private, no-cache"
+    return response
+
+
+@bp.get("/internal/health")
+def health() -> Response:
+    """Process liveness: always 200."""
+    return _json(status.liveness())
+
+
+@bp.get("/internal/status")
+def system() -> Response:
+    """The fleet at a glance."""
+    return _json(status.system_status(services()))
+
+
+@bp.get("/internal/status/endpoints")
+def endpoints() -> Response:
+    """Every endpoint: health, traffic, models and slots."""
+    return _json(status.endpoints_status(services()))
+
+
+@bp.get("/internal/status/models")
+def models() -> Response:
+    """Every discovered model, by family, with the endpoints serving it."""
+    svc = services()
+    svc.registry.refresh()  # endpoints never discovered yet (the health loop may not have run)
+    return _json(status.models_status(svc, request.args))
+
+
+@bp.get("/internal/stats/models")
+def model_stats() -> Response:
+    """Per-model request counts, latency percentiles and tokens per second."""
+    return _json(status.model_stats(services(), request.args))
+
+
+@bp.get("/olla/models")
+def unified_models() -> Response:
+    """The unified model catalogue."""
+    svc = services()
+    svc.registry.refresh()
+    key = g.get("api_key")
+    return _json(status.unified_models(svc, request.args,
+                                       visible=lambda name: may_use(key, name)))
+
+
+@bp.get("/internal/metrics")
+def metrics() -> Response:
+    """Prometheus text: every worker's series and the fleet's llama.cpp metrics."""
+    svc = services()
+    return Response(svc.metrics.render(svc), content_type=CONTENT_TYPE)
+
+
+@bp.get("/version")
+def version() -> Response:
+    """Name, version, capabilities and the status API's routes."""
+    return _json(status.version_info(services()))
+
+
+def _wrong_method() -> Response:
+    # Explicit, not Werkzeug's own 405: the proxy's ``/olla/<prefix>/`` rule would otherwise
+    # turn ``POST /olla/models`` into a redirect to ``/olla/models/``.
+    raise MethodNotAllowed(f"Method {request.method} not allowed on {request.path}",
+                           headers={"Allow": "GET, HEAD"})
+
+
+for _path in PATHS:
+    bp.add_url_rule(_path, "wrong_method" + _path.replace("/", "_"), _wrong_method,
+                    methods=["POST", "PUT", "PATCH", "DELETE"])
