@@ -85,3 +85,26 @@ def test_the_installed_command_serves_from_anywhere(installed: Path) -> None:
     text = (installed / "serve.log").read_text()
     assert "Using worker: app.worker.Worker" in text and text.count("Booting worker") == 2
     assert "Traceback" not in text
+
+
+def test_the_systemd_unit_passes_systemd_analyze_verify(installed: Path) -> None:
+    """deploy/olla-py.service as shipped, with ExecStart pointing at the installed command
+    (verify checks that it is executable): no error, no warning."""
+    unit = (ROOT / "deploy" / "olla-py.service").read_text()
+    assert "ExecStart=/opt/olla-py/bin/olla-py --config /etc/olla-py/config.yaml" in unit
+    for option in ("ExecReload=/bin/kill -HUP $MAINPID", "Restart=on-failure",
+                   "RuntimeDirectory=olla-py", "Environment=PROMETHEUS_MULTIPROC_DIR=/run/olla-py",
+                   "NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes", "User=olla-py"):
+        assert option in unit, option
+    command = installed / "site" / "bin" / "olla-py"
+    path = installed / "olla-py.service"
+    path.write_text(unit.replace("/opt/olla-py/bin/olla-py", str(command)))
+    verified = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True,
+                              text=True, timeout=60, check=False)
+    assert verified.returncode == 0 and verified.stderr.strip() == "", verified.stderr
+    # The check can fail: a value systemd does not know is reported.
+    path.write_text(unit.replace("/opt/olla-py/bin/olla-py", str(command))
+                    .replace("Restart=on-failure", "Restart=sometimes"))
+    wrong = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True,
+                           text=True, timeout=60, check=False)
+    assert "sometimes" in wrong.stderr
