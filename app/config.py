@@ -164,6 +164,7 @@ class ServerSettings:
     # first byte (408 or a closed connection beyond), and its body, from its headers (408).
     read_header_timeout: float = 10.0
     read_timeout: float = 30.0
+    shutdown_timeout: float = 30.0       # SIGTERM: time requests in flight get to finish
     request_limits: RequestLimits = field(default_factory=RequestLimits)
     rate_limits: RateLimits = field(default_factory=RateLimits)
     cors: CorsSettings = field(default_factory=CorsSettings)
@@ -394,6 +395,7 @@ class ServerSchema(Strict):
     port = fields.Integer(strict=True, validate=validate.Range(min=1, max=65535))
     read_header_timeout = Duration(validate=POSITIVE)
     read_timeout = Duration(validate=POSITIVE)
+    shutdown_timeout = Duration()
     request_limits = fields.Nested(RequestLimitsSchema)
     rate_limits = fields.Nested(RateLimitsSchema)
     cors = fields.Nested(CorsSchema)

@@ -7,6 +7,7 @@ config/config.yaml); ``server.host``/``server.port`` become the bind address unl
 ``--bind`` is given on the command line, which gunicorn lets override this file.
 """
 
+import math
 import os
 
 from app import embedded
@@ -32,7 +33,10 @@ worker_connections = 2000
 # With gevent the worker timeout is a heartbeat from an idle greenlet, not a request limit:
 # a stream that runs for an hour is not killed, a worker whose loop is stuck is.
 timeout = 120
-graceful_timeout = 30
+# SIGTERM: requests in flight get this long (Olla's server.shutdown_timeout); streams still
+# running just before it ends get a final server_shutting_down event (app.worker).
+# --graceful-timeout on gunicorn's command line wins.
+graceful_timeout = math.ceil(_settings.server.shutdown_timeout)  # gunicorn takes whole seconds
 keepalive = 75
 # No preload: every worker builds its own app (and, later, its own background greenlets).
 preload_app = False

@@ -113,9 +113,20 @@ class HeaderDeadline:
 
 
 class Worker(GeventWorker):  # type: ignore[misc]
-    """gevent's worker, answering its own errors in JSON, with a deadline on headers."""
+    """gevent's worker, answering its own errors in JSON, with a deadline on headers, and
+    ending its streams cleanly when it stops.
+
+    On SIGTERM gunicorn stops accepting and gives requests in flight ``graceful_timeout``
+    (``server.shutdown_timeout``) before the master kills the worker. Just before that runs
+    out, streams still running end with a ``server_shutting_down`` SSE event (then
+    ``[DONE]`` on OpenAI routes) instead of being cut, and queued requests get 503 with
+    Retry-After.
+    """
 
     header_timeout = 10.0
+    # Seconds before the graceful time runs out that streams are ended (at most a quarter
+    # of it): time for their last events to reach the clients.
+    STREAMS_END_BEFORE = 1.0
 
     def init_process(self) -> None:
         """In the worker process only: gunicorn's error writer becomes ours, and its parser
@@ -133,6 +144,29 @@ class Worker(GeventWorker):  # type: ignore[misc]
             super().handle(listener, client, addr)
         finally:
             _connections.pop(gevent.getcurrent(), None)
+
+    def handle_exit(self, sig: Any, frame: Any) -> None:
+        """SIGTERM: stop as gunicorn does, and end what is still running in time."""
+        if self.alive:
+            gevent.spawn(self._end_in_time, float(self.cfg.graceful_timeout))
+        super().handle_exit(sig, frame)
+
+    def _end_in_time(self, graceful: float) -> None:
+        gevent.sleep(max(0.0, graceful - min(self.STREAMS_END_BEFORE, graceful / 4)))
+        services = getattr(self.wsgi, "extensions", {}).get("olla")
+        if services is None:
+            return
+        from .streaming import SHUTTING_DOWN
+
+        SHUTTING_DOWN.set()
+        services.dispatcher.close_queue()
+        ended = 0
+        for lease in services.dispatcher.book.live():
+            if lease.interrupt is not None:
+                lease.interrupt()
+                ended += 1
+        if ended:
+            self.log.info("shutting down: ended %d stream(s) still running", ended)
 
     def timeout_ctx(self) -> HeaderDeadline:
         return HeaderDeadline(_connections.get(gevent.getcurrent()), self.cfg.keepalive,

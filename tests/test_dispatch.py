@@ -368,3 +368,21 @@ def test_max_concurrent_is_split_between_workers_without_shared_state() -> None:
         d.acquire("m", [a], share=capped)  # this worker's half is 2
     for lease in held:
         d.release(lease)
+
+
+def test_closing_the_queue_answers_every_waiter_and_queues_nobody() -> None:
+    d, a = dispatcher(), endpoint("a", 1)
+    held = d.acquire("m", [a])
+    waiting = Client(d, "m", [a])
+    waiting.start()
+    wait_for(lambda: d.depth() == 1)
+    d.close_queue()
+    waiting.join(5)
+    assert isinstance(waiting.error, SlotsExhausted)
+    assert waiting.error.code == "server_shutting_down"
+    assert waiting.error.headers["Retry-After"] == "3" and d.depth() == 0
+    with pytest.raises(SlotsExhausted) as raised:
+        d.acquire("m", [a])  # no slot free, and no waiting any more
+    assert raised.value.code == "server_shutting_down"
+    d.release(held)
+    assert d.acquire("m", [a]).state is a  # a free slot is still given

@@ -1,0 +1,94 @@
+"""Stopping and running for months, with real gunicorn and real llama.cpp: SIGTERM lets
+requests finish within server.shutdown_timeout, then ends the streams still running with a
+server_shutting_down event and answers the queued ones 503."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import requests
+
+from .conftest import CHAT_ALIAS
+from .procs import LlamaServer, Proxy
+
+pytestmark = pytest.mark.integration
+
+CHAT = "/olla/llamacpp/v1/chat/completions"
+
+
+def long_stream(proxy: Proxy, out: dict[str, Any]) -> None:
+    """A stream far longer than the shutdown allows: what it ends with."""
+    events: list[bytes] = []
+    try:
+        with requests.post(proxy.url + CHAT, timeout=60, stream=True, json={
+                "model": CHAT_ALIAS, "stream": True, "max_tokens": 4000,
+                "messages": [{"role": "user", "content": "Write a very long story."}]}
+                ) as response:
+            out["status"] = response.status_code
+            for line in response.iter_lines():
+                if line.startswith(b"data: "):
+                    events.append(line[6:])
+                    if len(events) == 1:
+                        out["first_at"] = time.monotonic()
+    except requests.RequestException as exc:
+        out["error"] = repr(exc)
+    out["events"] = events
+    out["ended_at"] = time.monotonic()
+
+
+def test_sigterm_ends_streams_with_an_event_and_answers_the_queue(
+        start_proxy: Callable[..., Proxy], llama_chat: LlamaServer) -> None:
+    proxy = start_proxy({"server": {"shutdown_timeout": "4s"},
+                         "endpoints": [{"url": llama_chat.url, "name": "chat"}]})
+    streams = [{} for _ in range(2)]  # the chat server's two slots
+    threads = [threading.Thread(target=long_stream, args=(proxy, s)) for s in streams]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while not all("first_at" in s for s in streams):
+        assert time.monotonic() < deadline, streams
+        time.sleep(0.05)
+    queued: dict[str, Any] = {}
+
+    def wait_in_queue() -> None:
+        response = requests.post(proxy.url + CHAT, timeout=60, json={
+            "model": CHAT_ALIAS, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+        queued.update(status=response.status_code, body=response.json(),
+                      retry_after=response.headers.get("Retry-After"))
+
+    waiter = threading.Thread(target=wait_in_queue)
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while requests.get(proxy.url + "/internal/status", timeout=5).json()["queue"]["depth"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert proxy.process is not None
+    signalled = time.monotonic()
+    proxy.process.send_signal(signal.SIGTERM)
+    for thread in [*threads, waiter]:
+        thread.join(30)
+    proxy.process.wait(30)
+    exited = time.monotonic() - signalled
+    for stream in streams:
+        assert stream["status"] == 200 and "error" not in stream, stream.get("error")
+        *tokens, last_event, done = stream["events"]
+        assert done == b"[DONE]" and len(tokens) > 5
+        assert json.loads(last_event)["error"]["code"] == "server_shutting_down"
+        took = stream["ended_at"] - signalled
+        assert 2.0 < took < 4.5, took  # ran on until just before the 4 s were up
+    assert queued["status"] == 503 and queued["retry_after"]
+    assert queued["body"]["error"]["code"] == "server_shutting_down"
+    assert exited < 8, exited
+    print(f"\nSIGTERM with shutdown_timeout 4 s: streams ended after "
+          f"{[round(s['ended_at'] - signalled, 2) for s in streams]} s, master exited after "
+          f"{exited:.2f} s")
+    deadline = time.monotonic() + 10
+    while llama_chat.busy_slots():  # llama.cpp was told: the slots are free again
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
