@@ -49,6 +49,7 @@ class Endpoint:
     model_url: str = "/v1/models"
     check_interval: float = 5.0
     check_timeout: float = 2.0
+    drain: bool = False                  # start drained: no new requests until undrained
     # Per-endpoint limits; the proxy's defaults where not set.
     timeouts: Timeouts | None = None
 
@@ -431,6 +432,7 @@ class EndpointSchema(Strict):
         r"^[^\x00-\x1f\x7f]+$", error="must be text without control characters"))
     type = fields.String(validate=validate.OneOf(KNOWN_PREFIXES))
     priority = fields.Integer(strict=True)
+    drain = StrictBoolean()
     headers = fields.Dict(keys=fields.String(), values=fields.String())
     health_check_url = fields.String()
     model_url = fields.String()
@@ -569,7 +571,8 @@ def _endpoint(raw: Mapping[str, Any], where: str, environ: Mapping[str, str],
     headers = {key: value for key, value in expanded.items() if value}
     values: dict[str, Any] = {
         k: raw[k]
-        for k in ("priority", "health_check_url", "model_url", "check_interval", "check_timeout")
+        for k in ("priority", "health_check_url", "model_url", "check_interval", "check_timeout",
+                  "drain")
         if k in raw
     }
     timeouts = Timeouts(**{k: raw.get(k, getattr(proxy, k)) for k in TIMEOUT_KEYS})

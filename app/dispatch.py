@@ -107,7 +107,7 @@ class QueueView:
 
 
 def _usable(state: EndpointState) -> bool:
-    return state.routable or state.status is Status.UNKNOWN
+    return (state.routable or state.status is Status.UNKNOWN) and not state.draining
 
 
 class Dispatcher:

@@ -92,3 +92,85 @@ def test_sigterm_ends_streams_with_an_event_and_answers_the_queue(
     while llama_chat.busy_slots():  # llama.cpp was told: the slots are free again
         assert time.monotonic() < deadline
         time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def replica() -> Any:
+    """A second chat server serving the same model as conftest's, for draining."""
+    server = LlamaServer(["--alias", CHAT_ALIAS, "--n-parallel", "2", "--n-ctx", "2048"])
+    server.start().wait()
+    yield server
+    server.stop()
+
+
+class Load:
+    """A few clients sending short chats back to back; what each got."""
+
+    def __init__(self, proxy: Proxy, clients: int = 3) -> None:
+        self.proxy = proxy
+        self.stopping = threading.Event()
+        self.results: list[tuple[int, float, str]] = []  # status, seconds, endpoint
+        self.threads = [threading.Thread(target=self._run) for _ in range(clients)]
+
+    def _run(self) -> None:
+        with requests.Session() as session:
+            while not self.stopping.is_set():
+                started = time.monotonic()
+                try:
+                    answer = session.post(self.proxy.url + CHAT, timeout=60, json={
+                        "model": CHAT_ALIAS, "max_tokens": 6,
+                        "messages": [{"role": "user", "content": "Say something"}]})
+                    status, endpoint = answer.status_code, answer.headers.get(
+                        "X-Olla-Endpoint", "")
+                except requests.RequestException:
+                    status, endpoint = 0, ""
+                self.results.append((status, time.monotonic() - started, endpoint))
+
+    def __enter__(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(60)
+
+
+def test_drain_a_replica_under_load_stop_restart_undrain_without_a_failure(
+        start_proxy: Callable[..., Proxy], llama_chat: LlamaServer,
+        replica: LlamaServer) -> None:
+    proxy = start_proxy({"endpoints": [
+        {"url": llama_chat.url, "name": "one", "check_interval": "1s"},
+        {"url": replica.url, "name": "two", "check_interval": "1s"}]})
+
+    def status(name: str) -> str:
+        found = requests.get(proxy.url + "/internal/status/endpoints", timeout=5).json()
+        return str(next(e["status"] for e in found["endpoints"] if e["name"] == name))
+
+    def until(condition: Callable[[], bool], seconds: float = 30) -> None:
+        deadline = time.monotonic() + seconds
+        while not condition():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+    with Load(proxy) as load:
+        until(lambda: {e for _, _, e in load.results} == {"one", "two"})
+        drained = requests.post(proxy.url + "/internal/endpoints/two/drain", timeout=5)
+        assert drained.status_code == 200 and drained.json()["draining"] is True
+        until(lambda: status("two") == "drained")
+        mark = len(load.results)
+        replica.stop()                    # an upgrade: nobody is sent there meanwhile
+        time.sleep(1.5)
+        replica.start().wait()
+        assert {e for _, _, e in load.results[mark:]} == {"one"}
+        assert requests.post(proxy.url + "/internal/endpoints/two/undrain",
+                             timeout=5).json()["draining"] is False
+        back = len(load.results)
+        until(lambda: "two" in {e for _, _, e in load.results[back:]})
+        time.sleep(1)
+    failed = [r for r in load.results if r[0] != 200]
+    slowest = max(seconds for _, seconds, _ in load.results)
+    print(f"\ndrain under load: {len(load.results)} requests, {len(failed)} failed, "
+          f"slowest {slowest:.2f} s")
+    assert not failed, failed
