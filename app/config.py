@@ -29,6 +29,9 @@ KNOWN_PREFIXES = ("llamacpp", "llama-cpp", "llama_cpp")
 # cannot import it: gunicorn's master reads the config before its workers patch sockets).
 BALANCER_NAMES = ("least-busy", "least-connections", "priority", "round-robin")
 CONFIG_FILE_ENV = "OLLA_CONFIG_FILE"
+# The copy of the config the workers read: written by the gunicorn master at start and on
+# each SIGHUP that brings a valid file (app.gunicorn_conf), so a broken edit reaches no one.
+CONFIG_SNAPSHOT_ENV = "OLLA_CONFIG_SNAPSHOT"
 WORKER_COUNT_ENV = "OLLA_WORKER_COUNT"  # set in each gunicorn worker by gunicorn.conf.py
 
 
@@ -166,6 +169,7 @@ class ServerSettings:
     read_header_timeout: float = 10.0
     read_timeout: float = 30.0
     shutdown_timeout: float = 30.0       # SIGTERM: time requests in flight get to finish
+    reload_grace: float = 600.0          # SIGHUP: time the old workers' requests get
     request_limits: RequestLimits = field(default_factory=RequestLimits)
     rate_limits: RateLimits = field(default_factory=RateLimits)
     cors: CorsSettings = field(default_factory=CorsSettings)
@@ -397,6 +401,7 @@ class ServerSchema(Strict):
     read_header_timeout = Duration(validate=POSITIVE)
     read_timeout = Duration(validate=POSITIVE)
     shutdown_timeout = Duration()
+    reload_grace = Duration()
     request_limits = fields.Nested(RequestLimitsSchema)
     rate_limits = fields.Nested(RateLimitsSchema)
     cors = fields.Nested(CorsSchema)
@@ -706,9 +711,10 @@ def settings_from_mapping(raw: Mapping[str, Any] | None,
 
 def config_path(explicit: str | None = None,
                 environ: Mapping[str, str] | None = None) -> Path | None:
-    """The file to read: ``--config``, else ``OLLA_CONFIG_FILE``, else config/config.yaml."""
+    """The file to read: ``--config``, else the master's snapshot (in a gunicorn worker),
+    else ``OLLA_CONFIG_FILE``, else config/config.yaml."""
     environ = os.environ if environ is None else environ
-    chosen = explicit or environ.get(CONFIG_FILE_ENV)
+    chosen = explicit or environ.get(CONFIG_SNAPSHOT_ENV) or environ.get(CONFIG_FILE_ENV)
     if chosen:
         path = Path(chosen)
         if not path.is_file():

@@ -7,15 +7,26 @@ config/config.yaml); ``server.host``/``server.port`` become the bind address unl
 ``--bind`` is given on the command line, which gunicorn lets override this file.
 """
 
+import contextlib
 import math
 import os
+import signal
 
 from app import embedded
 from app import metrics_dir as metrics
-from app.config import WORKER_COUNT_ENV, ConfigError, load_settings
+from app.config import (
+    CONFIG_SNAPSHOT_ENV,
+    WORKER_COUNT_ENV,
+    ConfigError,
+    config_path,
+    load_settings,
+)
 
 try:
-    _settings = load_settings()
+    # The file the operator edits (its snapshot, for the workers, is made in on_starting).
+    _source = config_path(environ={k: v for k, v in os.environ.items()
+                                   if k != CONFIG_SNAPSHOT_ENV})
+    _settings = load_settings(str(_source) if _source else None)
 except ConfigError as _exc:
     raise SystemExit(f"olla: {_exc}") from None
 
@@ -45,10 +56,21 @@ errorlog = "-"
 loglevel = _settings.log_level
 
 
+def _snapshot(text: str) -> None:
+    """Write the config the workers read (atomically: a booting worker reads all of it)."""
+    path = os.path.join(os.environ[metrics.MULTIPROC_ENV], "config.yaml")
+    with open(f"{path}.new", "w", encoding="utf-8") as out:
+        out.write(text)
+    os.replace(f"{path}.new", path)
+    os.environ[CONFIG_SNAPSHOT_ENV] = path
+
+
 def on_starting(server):  # type: ignore[no-untyped-def]
-    """Give the workers a fresh metrics directory; start the embedded llama.cpp when no
-    endpoint is configured."""
+    """Give the workers a fresh runtime directory (metrics, the config snapshot); start the
+    embedded llama.cpp when no endpoint is configured."""
     metrics.prepare_directory(os.environ)
+    if _source is not None:
+        _snapshot(_source.read_text(encoding="utf-8"))
     if server.cfg.workers > 1 and not _settings.state.redis_url:
         server.log.info(
             "%d workers without shared state: each takes floor(total_slots / %d) of every "
@@ -63,6 +85,27 @@ def on_starting(server):  # type: ignore[no-untyped-def]
     os.environ[embedded.ENV_KEY] = key  # for the workers only (see app.embedded)
     server.olla_embedded = process
     server.log.info("embedded llama.cpp ready at %s", url)
+
+
+def on_reload(server):  # type: ignore[no-untyped-def]
+    """SIGHUP: the workers running now are told they are retiring for a reload (their
+    requests get server.reload_grace, not the shutdown timeout); the config file is read
+    again and, when it is valid, becomes what the new workers read. A broken file is
+    refused and logged: the new workers read the previous one."""
+    for pid in list(server.WORKERS):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGWINCH)
+    if _source is None:
+        server.log.info("reload: no config file to read again")
+        return
+    try:
+        text = _source.read_text(encoding="utf-8")
+        load_settings(str(_source))
+    except (ConfigError, OSError) as exc:
+        server.log.error("reload refused, still serving the previous configuration: %s", exc)
+        return
+    _snapshot(text)
+    server.log.info("reload: %s read again; new workers follow it", _source)
 
 
 def post_fork(server, worker):  # type: ignore[no-untyped-def]

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import weakref
 from typing import Any
 
 import gevent
+from gevent.server import StreamServer
 from gevent.socket import wait_read
 from gunicorn import http, util
+from gunicorn.workers import ggevent
 from gunicorn.workers.ggevent import GeventWorker
 
 from .config import ConfigError, load_settings
@@ -78,6 +81,17 @@ def _get_parser(original: Any) -> Any:
     return get_parser
 
 
+class Listening(StreamServer):  # type: ignore[misc]
+    """gevent's server, remembered, so that a worker retiring for a reload can stop
+    accepting at once (gunicorn's loop would notice only at its next one-second tick)."""
+
+    servers: weakref.WeakSet[Listening] = weakref.WeakSet()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        Listening.servers.add(self)
+
+
 class HeaderDeadline:
     """What gunicorn's keep-alive loop reads each request's headers under: an idle wait of
     up to ``keepalive`` for the first byte, then ``header_timeout`` for the headers. Either
@@ -124,6 +138,7 @@ class Worker(GeventWorker):  # type: ignore[misc]
     """
 
     header_timeout = 10.0
+    reload_grace = 600.0
     # Seconds before the graceful time runs out that streams are ended (at most a quarter
     # of it): time for their last events to reach the clients.
     STREAMS_END_BEFORE = 1.0
@@ -133,8 +148,11 @@ class Worker(GeventWorker):  # type: ignore[misc]
         factory tells the deadline which parser a connection has."""
         util.write_error = write_json_error
         http.get_parser = _get_parser(http.get_parser)
+        ggevent.StreamServer = Listening
         with contextlib.suppress(ConfigError):  # the master checked it; else the default
-            self.header_timeout = load_settings().server.read_header_timeout
+            server = load_settings().server
+            self.header_timeout = server.read_header_timeout
+            self.reload_grace = server.reload_grace
         super().init_process()
 
     def handle(self, listener: Any, client: Any, addr: Any) -> None:
@@ -144,6 +162,19 @@ class Worker(GeventWorker):  # type: ignore[misc]
             super().handle(listener, client, addr)
         finally:
             _connections.pop(gevent.getcurrent(), None)
+
+    def handle_winch(self, sig: Any, frame: Any) -> None:
+        """From the master on SIGHUP (``app.gunicorn_conf.on_reload``): this worker retires
+        for a reload. It stops accepting now (new connections wait for the new workers,
+        which follow the new config) and gives its requests server.reload_grace, not the
+        shutdown timeout, to finish."""
+        self.cfg.set("graceful_timeout", max(1, math.ceil(self.reload_grace)))
+        gevent.spawn(self._stop_accepting)
+
+    def _stop_accepting(self) -> None:
+        for server in list(Listening.servers):
+            server.close()
+        self.alive = False
 
     def handle_exit(self, sig: Any, frame: Any) -> None:
         """SIGTERM: stop as gunicorn does, and end what is still running in time."""

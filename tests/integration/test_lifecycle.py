@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import requests
+import yaml
 
 from .conftest import CHAT_ALIAS
 from .procs import LlamaServer, Proxy
@@ -174,3 +175,85 @@ def test_drain_a_replica_under_load_stop_restart_undrain_without_a_failure(
     print(f"\ndrain under load: {len(load.results)} requests, {len(failed)} failed, "
           f"slowest {slowest:.2f} s")
     assert not failed, failed
+
+
+def stream_text(proxy: Proxy, out: dict[str, Any]) -> None:
+    """A deterministic stream (temperature 0, a seed): its text, events and end."""
+    pieces, events = [], 0
+    with requests.post(proxy.url + CHAT, timeout=120, stream=True, json={
+            "model": CHAT_ALIAS, "stream": True, "max_tokens": 300, "temperature": 0,
+            "seed": 7, "messages": [{"role": "user", "content": "Tell a long story."}]}
+            ) as response:
+        out["status"] = response.status_code
+        for line in response.iter_lines():
+            if line.startswith(b"data: ") and line != b"data: [DONE]":
+                events += 1
+                chunk = json.loads(line[6:])
+                if chunk.get("error"):
+                    out["error"] = chunk["error"]
+                for choice in chunk.get("choices", []):
+                    pieces.append(choice.get("delta", {}).get("content") or "")
+                if events == 1:
+                    out["first_at"] = time.monotonic()
+            elif line == b"data: [DONE]":
+                out["done"] = True
+    out.update(text="".join(pieces), events=events, ended_at=time.monotonic())
+
+
+def test_sighup_reloads_the_config_without_dropping_a_stream(
+        start_proxy: Callable[..., Proxy], llama_chat: LlamaServer) -> None:
+    from .scripted_upstream import MODEL as NEW_MODEL
+    from .scripted_upstream import ScriptedUpstream
+
+    added = ScriptedUpstream().start()
+    try:
+        config = {"server": {"shutdown_timeout": "2s", "reload_grace": "60s"},
+                  "endpoints": [{"url": llama_chat.url, "name": "chat"}]}
+        proxy = start_proxy(config)
+        assert proxy.process is not None and proxy.config_path is not None
+        baseline: dict[str, Any] = {}
+        stream_text(proxy, baseline)
+        assert baseline.get("done") and baseline["events"] > 50
+        running: dict[str, Any] = {}
+        thread = threading.Thread(target=stream_text, args=(proxy, running))
+        thread.start()
+        deadline = time.monotonic() + 30
+        while "first_at" not in running:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        # Add an endpoint, and HUP while the stream runs.
+        config["endpoints"].append({"url": added.url, "name": "added"})
+        proxy.config_path.write_text(yaml.safe_dump(config))
+        hup = time.monotonic()
+        proxy.process.send_signal(signal.SIGHUP)
+        # Right after the master has taken the HUP (a request sent before that instant
+        # is still the old workers' to take).
+        while "read again; new workers follow it" not in proxy.log():
+            assert time.monotonic() - hup < 10
+            time.sleep(0.01)
+        answer = requests.post(proxy.url + CHAT, timeout=30, json={
+            "model": NEW_MODEL, "messages": [{"role": "user", "content": "hi"}]})
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["X-Olla-Endpoint"] == "added"
+        answered_after = time.monotonic() - hup
+        thread.join(120)
+        # The stream ran on in its old worker, past the 2 s shutdown timeout, to its end,
+        # and is what the same stream is without a reload.
+        assert running.get("done") and "error" not in running, running.get("error")
+        assert running["text"] == baseline["text"]
+        assert running["events"] == baseline["events"]
+        assert running["ended_at"] - hup > 2
+        # A broken config changes nothing: refused, logged, the proxy serves as before.
+        proxy.config_path.write_text("endpoints:\n  - url: ftp://broken\n")
+        proxy.process.send_signal(signal.SIGHUP)
+        time.sleep(3)
+        assert proxy.process.poll() is None
+        assert "reload refused, still serving the previous configuration" in proxy.log()
+        again = requests.post(proxy.url + CHAT, timeout=30, json={
+            "model": NEW_MODEL, "messages": [{"role": "user", "content": "hi"}]})
+        assert again.status_code == 200 and again.headers["X-Olla-Endpoint"] == "added"
+        print(f"\nSIGHUP: the new endpoint answered {answered_after:.2f} s after it; the "
+              f"running stream ended {running['ended_at'] - hup:.2f} s after it, "
+              f"{running['events']} events, the same text as without a reload")
+    finally:
+        added.stop()

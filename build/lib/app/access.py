@@ -146,6 +146,13 @@ class InternalPolicy:
         return (path.startswith("/internal/") or path == "/internal" or path == "/version") \
             and path not in InternalPolicy.OPEN
 
+    def admin(self, presented: str | None) -> bool:
+        """Whether a change (drain, undrain) may be made: anyone the policy lets in when
+        no ``admin_key`` is set, else only with it."""
+        if self._admin is None:
+            return True
+        return presented is not None and hmac.compare_digest(self._admin, _digest(presented))
+
     def allows(self, path: str, address: str, presented: str | None) -> bool:
         if within(address, self.allowed):
             return True

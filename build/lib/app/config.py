@@ -29,6 +29,9 @@ KNOWN_PREFIXES = ("llamacpp", "llama-cpp", "llama_cpp")
 # cannot import it: gunicorn's master reads the config before its workers patch sockets).
 BALANCER_NAMES = ("least-busy", "least-connections", "priority", "round-robin")
 CONFIG_FILE_ENV = "OLLA_CONFIG_FILE"
+# The copy of the config the workers read: written by the gunicorn master at start and on
+# each SIGHUP that brings a valid file (app.gunicorn_conf), so a broken edit reaches no one.
+CONFIG_SNAPSHOT_ENV = "OLLA_CONFIG_SNAPSHOT"
 WORKER_COUNT_ENV = "OLLA_WORKER_COUNT"  # set in each gunicorn worker by gunicorn.conf.py
 
 
@@ -49,6 +52,7 @@ class Endpoint:
     model_url: str = "/v1/models"
     check_interval: float = 5.0
     check_timeout: float = 2.0
+    drain: bool = False                  # start drained: no new requests until undrained
     # Per-endpoint limits; the proxy's defaults where not set.
     timeouts: Timeouts | None = None
 
@@ -164,6 +168,8 @@ class ServerSettings:
     # first byte (408 or a closed connection beyond), and its body, from its headers (408).
     read_header_timeout: float = 10.0
     read_timeout: float = 30.0
+    shutdown_timeout: float = 30.0       # SIGTERM: time requests in flight get to finish
+    reload_grace: float = 600.0          # SIGHUP: time the old workers' requests get
     request_limits: RequestLimits = field(default_factory=RequestLimits)
     rate_limits: RateLimits = field(default_factory=RateLimits)
     cors: CorsSettings = field(default_factory=CorsSettings)
@@ -394,6 +400,8 @@ class ServerSchema(Strict):
     port = fields.Integer(strict=True, validate=validate.Range(min=1, max=65535))
     read_header_timeout = Duration(validate=POSITIVE)
     read_timeout = Duration(validate=POSITIVE)
+    shutdown_timeout = Duration()
+    reload_grace = Duration()
     request_limits = fields.Nested(RequestLimitsSchema)
     rate_limits = fields.Nested(RateLimitsSchema)
     cors = fields.Nested(CorsSchema)
@@ -429,6 +437,7 @@ class EndpointSchema(Strict):
         r"^[^\x00-\x1f\x7f]+$", error="must be text without control characters"))
     type = fields.String(validate=validate.OneOf(KNOWN_PREFIXES))
     priority = fields.Integer(strict=True)
+    drain = StrictBoolean()
     headers = fields.Dict(keys=fields.String(), values=fields.String())
     health_check_url = fields.String()
     model_url = fields.String()
@@ -567,7 +576,8 @@ def _endpoint(raw: Mapping[str, Any], where: str, environ: Mapping[str, str],
     headers = {key: value for key, value in expanded.items() if value}
     values: dict[str, Any] = {
         k: raw[k]
-        for k in ("priority", "health_check_url", "model_url", "check_interval", "check_timeout")
+        for k in ("priority", "health_check_url", "model_url", "check_interval", "check_timeout",
+                  "drain")
         if k in raw
     }
     timeouts = Timeouts(**{k: raw.get(k, getattr(proxy, k)) for k in TIMEOUT_KEYS})
@@ -701,9 +711,10 @@ def settings_from_mapping(raw: Mapping[str, Any] | None,
 
 def config_path(explicit: str | None = None,
                 environ: Mapping[str, str] | None = None) -> Path | None:
-    """The file to read: ``--config``, else ``OLLA_CONFIG_FILE``, else config/config.yaml."""
+    """The file to read: ``--config``, else the master's snapshot (in a gunicorn worker),
+    else ``OLLA_CONFIG_FILE``, else config/config.yaml."""
     environ = os.environ if environ is None else environ
-    chosen = explicit or environ.get(CONFIG_FILE_ENV)
+    chosen = explicit or environ.get(CONFIG_SNAPSHOT_ENV) or environ.get(CONFIG_FILE_ENV)
     if chosen:
         path = Path(chosen)
         if not path.is_file():

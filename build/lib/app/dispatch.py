@@ -107,7 +107,7 @@ class QueueView:
 
 
 def _usable(state: EndpointState) -> bool:
-    return state.routable or state.status is Status.UNKNOWN
+    return (state.routable or state.status is Status.UNKNOWN) and not state.draining
 
 
 class Dispatcher:
@@ -125,6 +125,7 @@ class Dispatcher:
         self.queues: dict[str, deque[Waiter]] = {}
         self.turns = Turns()
         self.holding: dict[str, int] = {}       # share name -> leases held here
+        self.closing = False                    # the worker stops: nobody waits any more
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------ capacity
@@ -198,6 +199,9 @@ class Dispatcher:
                 chosen = self._take(eligible, request_id, share)
                 if chosen is not None:
                     return chosen
+            if self.closing:
+                self._drop_if_empty(key)
+                raise self._shutting_down()
             if len(queue) >= self.settings.max_size:
                 self._drop_if_empty(key)
                 raise self._exhausted(f"the queue for {key or 'this route'} is full "
@@ -221,8 +225,24 @@ class Dispatcher:
             raise
         chosen = self._leave(waiter)
         if chosen is None:
+            if self.closing:
+                raise self._shutting_down()
             raise self._exhausted(f"no slot freed within {self.settings.timeout:g} s")
         return chosen
+
+    def close_queue(self) -> None:
+        """The worker is about to stop: every waiter is answered now (503 with
+        Retry-After), and nobody queues from now on."""
+        with self._lock:
+            self.closing = True
+            for queue in self.queues.values():
+                for waiter in queue:
+                    waiter.event.set()
+
+    def _shutting_down(self) -> SlotsExhausted:
+        return SlotsExhausted("The proxy is shutting down: retry the request",
+                              headers={"Retry-After": str(self.settings.retry_after)},
+                              code="server_shutting_down")
 
     def _leave(self, waiter: Waiter) -> Lease | None:
         """Take a waiter out of its queue; the lease it was given, if any."""

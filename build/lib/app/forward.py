@@ -282,6 +282,7 @@ class Forward:
         exchange, lease = self.exchange, self.lease
         assert exchange is not None and lease is not None
         headers = self._headers(upstream.headers, candidate, STREAM_HEADERS)
+        lease.interrupt = upstream.interrupt  # the Upstream's, not this Forward's: no cycle
         body = relay(source, exchange, clock, first, openai=self.request.openai,
                      client_gone=self._client_gone, lease=lease)
         return Answer(upstream.status, headers, body, stream=True)

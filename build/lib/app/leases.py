@@ -38,6 +38,10 @@ class Lease:
     writing_since: float | None = None
     # Ends the request from outside (closes the client connection): set by its owner.
     abort: Callable[[], None] | None = None
+    # Wakes a running stream's relay from outside (shuts its upstream socket): set by its
+    # owner once the stream is relayed; the relay then ends it as ``streaming.SHUTTING_DOWN``
+    # says.
+    interrupt: Callable[[], None] | None = None
 
     @property
     def endpoint(self) -> str:

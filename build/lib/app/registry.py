@@ -87,6 +87,9 @@ class EndpointState:
     metrics_polling: bool = True                # False once /metrics is disabled or refused
     # Leases held here fleet-wide, as the shared table (Redis) last said; None without it.
     fleet_in_use: int | None = None
+    # Taken out of rotation (config ``drain``, or POST .../drain): no new requests, those in
+    # flight finish.
+    draining: bool = False
     # Traffic through this worker.
     in_flight: int = 0
     requests: int = 0
@@ -97,10 +100,28 @@ class EndpointState:
     # Looked up when called: the class may be defined before gevent patches threading.
     lock: threading.Lock = field(default_factory=lambda: threading.Lock(), repr=False)
 
+    def __post_init__(self) -> None:
+        self.draining = self.endpoint.drain
+
     @property
     def routable(self) -> bool:
-        """Whether new requests may be sent here."""
+        """Whether it is healthy (what the probes say)."""
         return self.status is Status.HEALTHY
+
+    @property
+    def accepting(self) -> bool:
+        """Whether new requests may be sent here: healthy and not drained."""
+        return self.status is Status.HEALTHY and not self.draining
+
+    @property
+    def shown_status(self) -> str:
+        """The status routes' ``status``: ``draining`` while a drained endpoint still has
+        requests in flight (fleet-wide with shared state), then ``drained``; else its
+        health."""
+        if not self.draining:
+            return self.status.value
+        held = self.fleet_in_use if self.fleet_in_use is not None else self.in_flight
+        return "draining" if held else "drained"
 
     @property
     def primary_model(self) -> str | None:
@@ -259,8 +280,8 @@ class Registry:
         (endpoints not probed yet count while they answered discovery)."""
         seen: dict[str, dict[str, Any]] = {}
         for state in sorted(self.states.values(), key=lambda s: -s.endpoint.priority):
-            if not (state.routable or (state.status is Status.UNKNOWN
-                                       and state.discovery_error is None)):
+            if state.draining or not (state.routable or (state.status is Status.UNKNOWN
+                                                         and state.discovery_error is None)):
                 continue
             for model in state.models:
                 if model["id"] not in seen:

@@ -38,9 +38,9 @@ class Router:
         self.balancer = balancer
 
     def _ordered(self, states: list[EndpointState], route: str) -> list[EndpointState]:
-        routable = [s for s in states if s.routable]
+        routable = [s for s in states if s.accepting]
         # Not probed yet (no health loop running, or just started): tried after the routable.
-        unknown = [s for s in states if s.status is Status.UNKNOWN]
+        unknown = [s for s in states if s.status is Status.UNKNOWN and not s.draining]
         ordered = self.balancer(routable) + sorted(unknown, key=lambda s: -s.endpoint.priority)
         # Endpoints known to lack the route's feature go last: tried only if nobody else can.
         return sorted(ordered, key=lambda s: route in s.unsupported)

@@ -13,6 +13,7 @@ from .balancer import make_balancer
 from .concurrency import Repeating, gevent_active, spawn
 from .config import WORKER_COUNT_ENV, Settings
 from .dispatch import Dispatcher
+from .drain import Drains
 from .health import HealthLoop
 from .logs import RequestLog
 from .metrics import Metrics
@@ -40,6 +41,7 @@ class Services:
     renewer: Repeating
     access: Access
     limiter: Limiter
+    drains: Drains
     observers: tuple[Callable[[Exchange], None], ...] = ()
 
     def __post_init__(self) -> None:
@@ -84,13 +86,18 @@ class Services:
         # The renewing greenlet: renews this worker's leases (in Redis too), reclaims
         # dropped ones, cuts off clients whose writes stalled.
         write_timeout = settings.proxy.write_timeout
-        renewer = Repeating(lambda: dispatcher.tick(write_timeout),
-                            min(1.0, settings.state.lease_ttl / 4), "lease renewal")
+        drains = Drains(registry.states, settings.state, on_change=dispatcher.refresh)
+
+        def round_() -> None:
+            drains.sync()
+            dispatcher.tick(write_timeout)
+
+        renewer = Repeating(round_, min(1.0, settings.state.lease_ttl / 4), "lease renewal")
         server = settings.server
         access = Access.of(settings.auth.api_keys, server.rate_limits, server.internal_access)
         limiter = Limiter(server.rate_limits, settings.auth.api_keys, settings.state)
         return cls(settings, version, pool, registry, router, health, Stats(), dispatcher,
-                   metrics, RequestLog(), renewer, access, limiter)
+                   metrics, RequestLog(), renewer, access, limiter, drains)
 
     def start_background(self) -> None:
         """Start this worker's health-check and lease-renewing greenlets, and the shared

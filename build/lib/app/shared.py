@@ -476,7 +476,7 @@ class SharedDispatcher(Dispatcher):
     def acquire(self, key: str, eligible: Sequence[EndpointState], request_id: str = "",
                 wait: Wait | None = None, share: Share = ANYONE) -> Lease:
         """As ``Dispatcher.acquire``, fleet-wide while Redis answers."""
-        if not self.reachable:
+        if not self.reachable or self.closing:
             return super().acquire(key, eligible, request_id, wait, share)
         # A slot now only where this worker sees the endpoint usable; once queued, any of
         # them, as the shared capacity (published by every worker's probes) allows.
@@ -513,7 +513,7 @@ class SharedDispatcher(Dispatcher):
         try:
             while endpoint is None:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or self.closing:
                     break
                 if (wait or _wait)(grant[0], min(remaining, POLL)):
                     endpoint = grant[1]
@@ -532,10 +532,19 @@ class SharedDispatcher(Dispatcher):
         if endpoint is None:
             endpoint = self._leave_shared(lease_id)
             if endpoint is None:
+                if self.closing:
+                    raise self._shutting_down()
                 raise self._exhausted(f"no slot freed within {self.settings.timeout:g} s")
         else:
             self._forget_waiter(lease_id)
         return self._adopt_shared(lease_id, request_id, endpoint, share)
+
+    def close_queue(self) -> None:
+        """As ``Dispatcher.close_queue``, for this worker's waiters in the shared queue too
+        (they leave it; others' waiters stay)."""
+        super().close_queue()
+        for grant in list(self._grants.values()):
+            grant[0].set()
 
     def _leave_shared(self, lease_id: str) -> str | None:
         """Leave the shared queue; the endpoint granted meanwhile, if any."""

@@ -255,7 +255,7 @@ def health(view: EndpointView) -> dict[str, Any]:
     """Its state, the last probe and the next one."""
     state, clock = view.state, view.clock
     return {
-        "status": state.status.value,
+        "status": state.shown_status,
         "issues": view.issues,
         "health_check": ago(state.checked_wall, clock),
         "health_check_at": iso(state.checked_wall),
@@ -309,7 +309,7 @@ def status_summary(view: EndpointView) -> dict[str, Any]:
     average = state.latency_sum_ms / state.requests if served else None
     return {
         "id": view.id, "name": state.endpoint.name, "url": display_url(state.endpoint.url),
-        "status": state.status.value, "priority": state.endpoint.priority,
+        "status": state.shown_status, "priority": state.endpoint.priority,
         "success_rate": rate(state.successes, state.requests),
         "avg_latency": latency_text(average), "avg_latency_ms": ms(average),
         "min_latency_ms": ms(state.latency_min_ms) if served else None,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 KEEPALIVE = b": keepalive\n\n"
+# Set when this worker is about to stop (its graceful time runs out): a stream woken by
+# ``Lease.interrupt`` ends with a server_shutting_down event instead of an upstream error.
+SHUTTING_DOWN = threading.Event()
 MAX_EVENT = 1 << 20  # bytes of an event read in pieces that are kept to find its timings
 KEEPALIVE_DUE = object()  # time to send KEEPALIVE
 END = object()       # the upstream body ended
@@ -215,6 +219,14 @@ def relay(source: Source, exchange: Exchange, clock: Clock, first: Any, *, opena
     try:
         while True:
             if item is END:
+                break
+            if isinstance(item, UpstreamError) and SHUTTING_DOWN.is_set():
+                ok = False
+                log.info("stream on %s ended: the proxy is shutting down", endpoint)
+                marks.writing_since = time.monotonic()
+                yield sse_error_event("The proxy is shutting down: the stream was ended "
+                                      "before its end; retry it", openai,
+                                      code="server_shutting_down")
                 break
             if isinstance(item, UpstreamError):
                 ok = client_gone()

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import weakref
 from typing import Any
 
 import gevent
+from gevent.server import StreamServer
 from gevent.socket import wait_read
 from gunicorn import http, util
+from gunicorn.workers import ggevent
 from gunicorn.workers.ggevent import GeventWorker
 
 from .config import ConfigError, load_settings
@@ -78,6 +81,17 @@ def _get_parser(original: Any) -> Any:
     return get_parser
 
 
+class Listening(StreamServer):  # type: ignore[misc]
+    """gevent's server, remembered, so that a worker retiring for a reload can stop
+    accepting at once (gunicorn's loop would notice only at its next one-second tick)."""
+
+    servers: weakref.WeakSet[Listening] = weakref.WeakSet()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        Listening.servers.add(self)
+
+
 class HeaderDeadline:
     """What gunicorn's keep-alive loop reads each request's headers under: an idle wait of
     up to ``keepalive`` for the first byte, then ``header_timeout`` for the headers. Either
@@ -113,17 +127,32 @@ class HeaderDeadline:
 
 
 class Worker(GeventWorker):  # type: ignore[misc]
-    """gevent's worker, answering its own errors in JSON, with a deadline on headers."""
+    """gevent's worker, answering its own errors in JSON, with a deadline on headers, and
+    ending its streams cleanly when it stops.
+
+    On SIGTERM gunicorn stops accepting and gives requests in flight ``graceful_timeout``
+    (``server.shutdown_timeout``) before the master kills the worker. Just before that runs
+    out, streams still running end with a ``server_shutting_down`` SSE event (then
+    ``[DONE]`` on OpenAI routes) instead of being cut, and queued requests get 503 with
+    Retry-After.
+    """
 
     header_timeout = 10.0
+    reload_grace = 600.0
+    # Seconds before the graceful time runs out that streams are ended (at most a quarter
+    # of it): time for their last events to reach the clients.
+    STREAMS_END_BEFORE = 1.0
 
     def init_process(self) -> None:
         """In the worker process only: gunicorn's error writer becomes ours, and its parser
         factory tells the deadline which parser a connection has."""
         util.write_error = write_json_error
         http.get_parser = _get_parser(http.get_parser)
+        ggevent.StreamServer = Listening
         with contextlib.suppress(ConfigError):  # the master checked it; else the default
-            self.header_timeout = load_settings().server.read_header_timeout
+            server = load_settings().server
+            self.header_timeout = server.read_header_timeout
+            self.reload_grace = server.reload_grace
         super().init_process()
 
     def handle(self, listener: Any, client: Any, addr: Any) -> None:
@@ -133,6 +162,42 @@ class Worker(GeventWorker):  # type: ignore[misc]
             super().handle(listener, client, addr)
         finally:
             _connections.pop(gevent.getcurrent(), None)
+
+    def handle_winch(self, sig: Any, frame: Any) -> None:
+        """From the master on SIGHUP (``app.gunicorn_conf.on_reload``): this worker retires
+        for a reload. It stops accepting now (new connections wait for the new workers,
+        which follow the new config) and gives its requests server.reload_grace, not the
+        shutdown timeout, to finish."""
+        self.cfg.set("graceful_timeout", max(1, math.ceil(self.reload_grace)))
+        gevent.spawn(self._stop_accepting)
+
+    def _stop_accepting(self) -> None:
+        for server in list(Listening.servers):
+            server.close()
+        self.alive = False
+
+    def handle_exit(self, sig: Any, frame: Any) -> None:
+        """SIGTERM: stop as gunicorn does, and end what is still running in time."""
+        if self.alive:
+            gevent.spawn(self._end_in_time, float(self.cfg.graceful_timeout))
+        super().handle_exit(sig, frame)
+
+    def _end_in_time(self, graceful: float) -> None:
+        gevent.sleep(max(0.0, graceful - min(self.STREAMS_END_BEFORE, graceful / 4)))
+        services = getattr(self.wsgi, "extensions", {}).get("olla")
+        if services is None:
+            return
+        from .streaming import SHUTTING_DOWN
+
+        SHUTTING_DOWN.set()
+        services.dispatcher.close_queue()
+        ended = 0
+        for lease in services.dispatcher.book.live():
+            if lease.interrupt is not None:
+                lease.interrupt()
+                ended += 1
+        if ended:
+            self.log.info("shutting down: ended %d stream(s) still running", ended)
 
     def timeout_ctx(self) -> HeaderDeadline:
         return HeaderDeadline(_connections.get(gevent.getcurrent()), self.cfg.keepalive,

@@ -9,8 +9,8 @@ from typing import Any
 from flask import Blueprint, Response, g, request
 
 from .. import status
-from ..access import may_use
-from ..errors import MethodNotAllowed
+from ..access import may_use, presented_key
+from ..errors import Forbidden, MethodNotAllowed, RouteNotFound
 from ..metrics import CONTENT_TYPE
 from ..services import services
 
@@ -80,6 +80,32 @@ def metrics() -> Response:
 def version() -> Response:
     """Name, version, capabilities and the status API's routes."""
     return _json(status.version_info(services()))
+
+
+@bp.post("/internal/endpoints/<name>/drain")
+def drain(name: str) -> Response:
+    """Take an endpoint out of rotation: requests in flight finish, no new ones go there."""
+    return _drain(name, True)
+
+
+@bp.post("/internal/endpoints/<name>/undrain")
+def undrain(name: str) -> Response:
+    """Put a drained endpoint back in rotation."""
+    return _drain(name, False)
+
+
+def _drain(name: str, drained: bool) -> Response:
+    svc = services()
+    if not svc.access.internal.admin(presented_key(request.headers)):
+        raise Forbidden("Forbidden: draining needs server.internal_access.admin_key "
+                        "(as Authorization: Bearer <key> or X-API-Key)")
+    state = svc.registry.states.get(name)
+    if state is None:
+        raise RouteNotFound(f"No endpoint named {name!r}", code="endpoint_not_found")
+    svc.drains.set(name, drained)
+    held = state.fleet_in_use if state.fleet_in_use is not None else state.in_flight
+    return _json({"name": name, "draining": state.draining, "status": state.shown_status,
+                  "in_flight": held})
 
 
 def _wrong_method() -> Response:
