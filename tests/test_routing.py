@@ -122,3 +122,29 @@ def test_props_over_the_poll_cap_is_an_issue_and_the_models_are_still_served(
     assert "m" in state.names and state.props == {}
     assert state.discovery_error == (
         f"/props: the upstream's answer is larger than {POLL_LIMIT} bytes")
+
+
+def test_a_request_waits_for_a_first_discovery_already_running(
+        fake: responses.RequestsMock) -> None:
+    import threading
+    import time
+
+    endpoint = Endpoint(name="a", url="http://a.test:8080")
+    started = threading.Event()
+
+    def slow_models(request: object) -> tuple[int, dict[str, str], str]:
+        started.set()
+        time.sleep(0.2)
+        return 200, {}, '{"object": "list", "data": [{"id": "m"}]}'
+
+    fake.add_callback(responses.GET, "http://a.test:8080/v1/models", callback=slow_models)
+    fake.get("http://a.test:8080/props", json={})
+    registry = Registry((endpoint,), UpstreamPool((endpoint,), ProxySettings()))
+    # The health loop's first discovery, under way as the worker starts...
+    first = threading.Thread(target=registry.discover, args=(registry.states["a"],))
+    first.start()
+    started.wait(5)
+    # ...when a request comes: it waits for that answer instead of a 404.
+    found = Router(registry, {}, priority()).candidates("m")
+    assert [c.state.endpoint.name for c in found] == ["a"]
+    first.join(5)

@@ -221,22 +221,27 @@ def test_sighup_reloads_the_config_without_dropping_a_stream(
         while "first_at" not in running:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        # Add an endpoint, and HUP while the stream runs.
+        # Add an endpoint, and HUP while the stream runs and clients keep asking.
         config["endpoints"].append({"url": added.url, "name": "added"})
         proxy.config_path.write_text(yaml.safe_dump(config))
-        hup = time.monotonic()
-        proxy.process.send_signal(signal.SIGHUP)
-        # Right after the master has taken the HUP (a request sent before that instant
-        # is still the old workers' to take).
-        while "read again; new workers follow it" not in proxy.log():
-            assert time.monotonic() - hup < 10
-            time.sleep(0.01)
-        answer = requests.post(proxy.url + CHAT, timeout=30, json={
-            "model": NEW_MODEL, "messages": [{"role": "user", "content": "hi"}]})
-        assert answer.status_code == 200, answer.text
-        assert answer.headers["X-Olla-Endpoint"] == "added"
-        answered_after = time.monotonic() - hup
+        with Load(proxy, clients=2) as load:
+            time.sleep(1)
+            hup = time.monotonic()
+            proxy.process.send_signal(signal.SIGHUP)
+            # Right after the master has taken the HUP (a request sent before that instant
+            # is still the old workers' to take).
+            while "read again; new workers follow it" not in proxy.log():
+                assert time.monotonic() - hup < 10
+                time.sleep(0.01)
+            answer = requests.post(proxy.url + CHAT, timeout=30, json={
+                "model": NEW_MODEL, "messages": [{"role": "user", "content": "hi"}]})
+            assert answer.status_code == 200, answer.text
+            assert answer.headers["X-Olla-Endpoint"] == "added"
+            answered_after = time.monotonic() - hup
+            time.sleep(2)
         thread.join(120)
+        failed = [r for r in load.results if r[0] != 200]
+        assert not failed, failed
         # The stream ran on in its old worker, past the 2 s shutdown timeout, to its end,
         # and is what the same stream is without a reload.
         assert running.get("done") and "error" not in running, running.get("error")
@@ -254,6 +259,8 @@ def test_sighup_reloads_the_config_without_dropping_a_stream(
         assert again.status_code == 200 and again.headers["X-Olla-Endpoint"] == "added"
         print(f"\nSIGHUP: the new endpoint answered {answered_after:.2f} s after it; the "
               f"running stream ended {running['ended_at'] - hup:.2f} s after it, "
-              f"{running['events']} events, the same text as without a reload")
+              f"{running['events']} events, the same text as without a reload; load across "
+              f"it: {len(load.results)} requests, {len(failed)} failed, slowest "
+              f"{max(r[1] for r in load.results):.2f} s")
     finally:
         added.stop()
