@@ -183,6 +183,45 @@ class ChatCompletionSchema(Sampling):
     messages = Messages(required=True)
 
 
+def _is_responses_input(v: Any) -> bool:
+    return isinstance(v, str) or (isinstance(v, list) and all(isinstance(i, dict) for i in v))
+
+
+class ResponsesSchema(Sampling):
+    """POST /v1/responses (the OpenAI Responses API, llama.cpp's own)."""
+
+    input = Checked(_is_responses_input, "must be a string or a list of input items",
+                    required=True)
+    instructions = Str()
+    max_output_tokens = Int(1)
+
+
+class MessagesSchema(Sampling):
+    """POST /v1/messages (Anthropic Messages, llama.cpp's own)."""
+
+    messages = Messages(required=True)
+    max_tokens = Int(1)
+    system = Checked(lambda v: isinstance(v, (str, list)), "must be a string or a list")
+
+
+class CountTokensSchema(Payload):
+    """POST /v1/messages/count_tokens."""
+
+    model = Str()
+    messages = Messages(required=True)
+
+
+class RerankSchema(Payload):
+    """POST /v1/rerank, /rerank, /reranking: a query and the documents to order."""
+
+    model = Str()
+    query = Str(required=True)
+    documents = Checked(lambda v: isinstance(v, list) and all(isinstance(d, (str, dict))
+                                                               for d in v),
+                        "must be a list of documents", required=True)
+    top_n = Int(1)
+
+
 class InfillSchema(Sampling):
     """POST /infill."""
 

@@ -12,11 +12,15 @@ from marshmallow import Schema
 from app.schemas import (
     ChatCompletionSchema,
     CompletionSchema,
+    CountTokensSchema,
     DetokenizeSchema,
     EmbeddingSchema,
     InfillSchema,
     OpenAICompletionSchema,
     OpenAIEmbeddingSchema,
+    MessagesSchema,
+    RerankSchema,
+    ResponsesSchema,
     TokenizeSchema,
     check,
     validation_message,
@@ -33,6 +37,11 @@ ROUTES: dict[str, tuple[Schema, dict[str, Any]]] = {
     "v1/embeddings": (OpenAIEmbeddingSchema(), {"input": "llama.cpp enables efficient inference"}),
     "tokenize": (TokenizeSchema(), {"content": "Hello, world!"}),
     "detokenize": (DetokenizeSchema(), {"tokens": [9906, 11, 1917]}),
+    "v1/responses": (ResponsesSchema(), {"input": "Say hi"}),
+    "v1/messages": (MessagesSchema(), {"messages": [{"role": "user", "content": "Hi"}]}),
+    "v1/messages/count_tokens": (CountTokensSchema(),
+                                 {"messages": [{"role": "user", "content": "Hi"}]}),
+    "v1/rerank": (RerankSchema(), {"query": "gguf", "documents": ["a", "b"]}),
 }
 # Routes that take generation (sampling) parameters.
 SAMPLING_ROUTES = ["completion", "v1/completions", "v1/chat/completions", "infill"]
@@ -494,3 +503,30 @@ def test_check_finds_exactly_what_full_validation_finds(schema_class: type,
                                                         payload: dict[str, Any]) -> None:
     schema = schema_class()
     assert check(schema, payload) == schema.validate(payload)
+
+
+@pytest.mark.parametrize(("route", "changes", "message"), [
+    ("v1/responses", {"input": None}, "input must not be null"),
+    ("v1/responses", {"input": 5}, "input must be a string or a list of input items"),
+    ("v1/responses", {"input": ["x"]}, "input must be a string or a list of input items"),
+    ("v1/responses", {"max_output_tokens": 0}, "max_output_tokens must be an integer >= 1"),
+    ("v1/messages", {"messages": []}, "messages must be a non-empty list"),
+    ("v1/messages", {"messages": [{"content": "hi"}]}, "messages[0].role is required"),
+    ("v1/messages", {"max_tokens": "8"}, "max_tokens must be an integer >= 1"),
+    ("v1/messages/count_tokens", {"messages": "hi"}, "messages must be a non-empty list of objects"),
+    ("v1/rerank", {"query": 5}, "query must be a string"),
+    ("v1/rerank", {"documents": "a"}, "documents must be a list of documents"),
+    ("v1/rerank", {"top_n": 0}, "top_n must be an integer >= 1"),
+])
+def test_newer_routes_check_their_fields(route: str, changes: dict[str, Any], message: str) -> None:
+    assert message_for(route, **changes) == f"Invalid parameter: {message}"
+
+
+@pytest.mark.parametrize(("route", "field"), [
+    ("v1/responses", "input"), ("v1/messages", "messages"),
+    ("v1/messages/count_tokens", "messages"), ("v1/rerank", "query"), ("v1/rerank", "documents"),
+])
+def test_newer_routes_need_their_fields(route: str, field: str) -> None:
+    schema, minimal = ROUTES[route]
+    body = {k: v for k, v in minimal.items() if k != field}
+    assert validation_message(schema.validate(body)) == f"Invalid parameter: {field} is required"

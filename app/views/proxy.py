@@ -58,6 +58,13 @@ ROUTES: dict[str, Route] = {
     "tokenize": Route("POST", schemas.TokenizeSchema(), watched=False),
     "detokenize": Route("POST", schemas.DetokenizeSchema(), watched=False),
     "infill": Route("POST", schemas.InfillSchema()),
+    # llama-server's newer APIs: the OpenAI Responses API, Anthropic Messages, rerank.
+    "v1/responses": Route("POST", schemas.ResponsesSchema()),
+    "v1/messages": Route("POST", schemas.MessagesSchema()),
+    "v1/messages/count_tokens": Route("POST", schemas.CountTokensSchema(), watched=False),
+    "v1/rerank": Route("POST", schemas.RerankSchema()),
+    "rerank": Route("POST", schemas.RerankSchema()),
+    "reranking": Route("POST", schemas.RerankSchema()),
 }
 
 

@@ -274,6 +274,13 @@ class Registry:
         self.discover_many([
             s for s in self.states.values()
             if s.status in (Status.UNKNOWN, Status.HEALTHY) and self.due(s, max_age)])
+        for state in self.states.values():
+            if state.discovered_at is None and state.lock.locked():
+                # Being discovered for the first time right now (the health loop's first
+                # round, as a worker starts): its answer is this request's to wait for,
+                # not a reason to say its models do not exist.
+                with state.lock:
+                    pass
 
     def models(self) -> list[dict[str, Any]]:
         """Routable endpoints' models merged into one OpenAI list, de-duplicated by id
