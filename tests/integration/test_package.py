@@ -4,6 +4,7 @@ does), installed elsewhere, runs as ``olla-py`` from any directory with nothing 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -24,8 +25,16 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The wheel, installed (without its dependencies: this venv has them) into a
     directory of its own."""
     work = tmp_path_factory.mktemp("package")
+    # Built from a copy of what the package is made of: setuptools builds in the source
+    # tree (build/, *.egg-info), which must not be the repo's.
+    source = work / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "app", source / "app",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-                    "--wheel-dir", str(work / "dist"), str(ROOT)], check=True, timeout=300)
+                    "--wheel-dir", str(work / "dist"), str(source)], check=True, timeout=300)
     wheels = list((work / "dist").glob("olla_py-*.whl"))
     assert len(wheels) == 1, wheels
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
