@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .dispatch import QueueView
-from .errors import InvalidRequest
+from .errors import InvalidRequest, ModelNotFound
 from .registry import EndpointState, Status, base_name, name_key
 from .services import Services
 from .stats import ModelStats, percentile
@@ -659,25 +659,39 @@ def unified_models(svc: Services, args: Mapping[str, str] | None = None,
         and (not capability or capability.lower() in m.capabilities)
         and any(visible(name) for name in (m.id, *m.aliases))
     ]
-    data: list[dict[str, Any]] = []
-    for model in selected:
-        entry: dict[str, Any] = {"id": model.id, "object": "model",
-                                 "created": model.created or int(clock.wall),
-                                 "owned_by": "olla"}
-        if output == "unified":
-            extensions: dict[str, Any] = {
-                "family": model.family,
-                "parameter_size": model.parameter_size,
-                "quantization": model.quantization,
-                "aliases": model.aliases,
-                "availability": model.availability(),
-                "capabilities": model.capabilities,
-            }
-            if model.max_context_length:
-                extensions["max_context_length"] = model.max_context_length
-            entry["olla"] = extensions
-        data.append(entry)
+    data = [_catalogue_entry(model, clock, output == "unified") for model in selected]
     return _finish(svc, {"object": "list", "data": data})
+
+
+def unified_model(svc: Services, model_id: str, clock: Clock | None = None,
+                  visible: Callable[[str], bool] = lambda name: True) -> dict[str, Any]:
+    """``GET /olla/models/{id}``: one model of the catalogue, found by its id or an alias
+    as model names compare; ModelNotFound (404) when there is none (or the key may not
+    see it)."""
+    wanted = name_key(model_id)
+    for model in catalogue(svc):
+        names = (model.id, *model.aliases)
+        if wanted in {name_key(n) for n in names} and any(visible(n) for n in names):
+            return _catalogue_entry(model, clock or Clock.now(), unified=True)
+    raise ModelNotFound(f"Model not found: {model_id}")
+
+
+def _catalogue_entry(model: CatalogueModel, clock: Clock, unified: bool) -> dict[str, Any]:
+    entry: dict[str, Any] = {"id": model.id, "object": "model",
+                             "created": model.created or int(clock.wall), "owned_by": "olla"}
+    if unified:
+        extensions: dict[str, Any] = {
+            "family": model.family,
+            "parameter_size": model.parameter_size,
+            "quantization": model.quantization,
+            "aliases": model.aliases,
+            "availability": model.availability(),
+            "capabilities": model.capabilities,
+        }
+        if model.max_context_length:
+            extensions["max_context_length"] = model.max_context_length
+        entry["olla"] = extensions
+    return entry
 
 
 # --------------------------------------------------------------------------------- stats

@@ -186,6 +186,26 @@ def test_listed_prefixes_are_enabled(fake: responses.RequestsMock,
     assert client.post("/olla/llamacpp/tokenize", json={"content": "x"}).status_code == 404
 
 
+def test_the_unified_route_serves_the_openai_routes(two_endpoints: FlaskClient,
+                                                    fake: responses.RequestsMock) -> None:
+    fake.post(f"{CHAT_URL}/v1/chat/completions", json={"choices": []})
+    fake.post(f"{EMBED_URL}/v1/embeddings", json={"data": []})
+    chat = two_endpoints.post("/olla/proxy/v1/chat/completions", json={
+        "model": "llama-3.1-8b-instruct-q4_k_m.gguf", "stream": False,
+        "messages": [{"role": "user", "content": "x"}]})
+    assert chat.status_code == 200 and chat.headers["X-Olla-Endpoint"] == "chat"
+    embedded = two_endpoints.post("/olla/proxy/v1/embeddings", json={
+        "model": "nomic-embed-text-v1.5.Q4_K_M.gguf", "input": "x"})
+    assert embedded.status_code == 200 and embedded.headers["X-Olla-Endpoint"] == "embed"
+    listed = two_endpoints.get("/olla/proxy/v1/models").json
+    assert {m["id"] for m in listed["data"]} == {"llama-3.1-8b-instruct-q4_k_m.gguf",
+                                                 "nomic-embed-text-v1.5.Q4_K_M.gguf"}
+    invalid = two_endpoints.post("/olla/proxy/v1/chat/completions", json={"messages": []})
+    assert invalid.status_code == 400
+    native = two_endpoints.post("/olla/proxy/completion", json={"prompt": "x"})
+    assert native.status_code == 404 and "unified route" in error_of(native)["message"]
+
+
 @pytest.mark.parametrize(("method", "path", "allow"), [
     ("GET", "/olla/llamacpp/completion", "POST"),
     ("PUT", "/olla/llamacpp/v1/chat/completions", "POST"),

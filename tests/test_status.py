@@ -488,3 +488,18 @@ def test_refused_key_at_discovery_is_auth_error_once(fake: responses.RequestsMoc
     assert chat["status"] == "auth_error"
     assert chat["issues"].count("answered 401") == 1
     assert chat["model_count"] == 0
+
+
+def test_one_model_of_the_unified_catalogue_by_id_or_alias(fleet: Flask) -> None:
+    drive_probes(fleet)
+    client = fleet.test_client()
+    listed = {m["id"]: m for m in get(client, "/olla/models")["data"]}
+    for name in (CHAT_MODEL, CHAT_MODEL.upper(), "my-chat"):
+        one = get(client, f"/olla/models/{name}")
+        assert one["id"] == CHAT_MODEL
+        assert one["olla"] == listed[CHAT_MODEL]["olla"]
+    missing = client.get("/olla/models/no-such-model")
+    assert missing.status_code == 404
+    assert missing.json["error"] == {"message": "Model not found: no-such-model",
+                                     "type": "invalid_request_error",
+                                     "code": "model_not_found"}

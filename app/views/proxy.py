@@ -68,6 +68,13 @@ ROUTES: dict[str, Route] = {
 }
 
 
+# Olla's unified route, /olla/proxy/: the OpenAI routes, routed by model across every
+# endpoint, with the same slots, queue, validation and headers as under a prefix.
+UNIFIED = "proxy"
+UNIFIED_ROUTES = frozenset({"v1/models", "v1/chat/completions", "v1/completions",
+                            "v1/embeddings"})
+
+
 @bp.before_app_request
 def _start() -> None:
     g.started = time.perf_counter()
@@ -117,7 +124,11 @@ def _elapsed_ms() -> str:
 
 
 def _route(prefix: str, subpath: str) -> Route:
-    if prefix not in services().settings.prefixes:
+    if prefix == UNIFIED:
+        if subpath not in UNIFIED_ROUTES:
+            raise RouteNotFound(f"Not found: /olla/proxy/{subpath} (the unified route "
+                                f"serves {', '.join(sorted(UNIFIED_ROUTES))})")
+    elif prefix not in services().settings.prefixes:
         raise RouteNotFound(f"Unknown or disabled prefix: /olla/{prefix}")
     route = ROUTES.get(subpath)
     if route is None:

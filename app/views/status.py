@@ -69,6 +69,15 @@ def unified_models() -> Response:
                                        visible=lambda name: may_use(key, name)))
 
 
+@bp.get("/olla/models/<path:model_id>")
+def unified_model(model_id: str) -> Response:
+    """One model of the unified catalogue, by id or alias; 404 JSON when none."""
+    svc = services()
+    svc.registry.refresh()
+    key = g.get("api_key")
+    return _json(status.unified_model(svc, model_id, visible=lambda name: may_use(key, name)))
+
+
 @bp.get("/internal/metrics")
 def metrics() -> Response:
     """Prometheus text: every worker's series and the fleet's llama.cpp metrics."""

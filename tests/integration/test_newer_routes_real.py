@@ -1,6 +1,7 @@
 """llama-server's newer APIs under the prefix, through the proxy to real llama.cpp: the
 OpenAI Responses API with the real openai SDK, Anthropic Messages and its token count,
-and rerank (no reranking model ships on PyPI: the server's own 501 is relayed as it is)."""
+and rerank (no reranking model ships on PyPI: the server's own 501 is relayed as it is);
+and Olla's unified routes (/olla/proxy/v1/*, /olla/models/{id})."""
 
 from __future__ import annotations
 
@@ -76,3 +77,24 @@ def test_rerank_relays_the_servers_own_answer(proxy: Proxy, route: str) -> None:
     assert answer.status_code == 501
     assert answer.json()["error"]["type"] == "not_supported_error"
     assert "reranking" in answer.json()["error"]["message"]
+
+
+def test_olla_unified_routes_with_the_openai_sdk(proxy: Proxy) -> None:
+    from .test_openai_sdk import EMBED_MODEL
+
+    sdk = openai.OpenAI(base_url=f"{proxy.url}/olla/proxy/v1", api_key="not-needed",
+                        max_retries=0, timeout=60)
+    try:
+        assert {m.id for m in sdk.models.list()} >= {CHAT_ALIAS, EMBED_MODEL}
+        chat = sdk.chat.completions.create(model=CHAT_ALIAS, max_tokens=4,
+                                           messages=[{"role": "user", "content": "hi"}])
+        assert chat.choices[0].message.content is not None
+        vectors = sdk.embeddings.create(model=EMBED_MODEL, input="Text to embed")
+        assert len(vectors.data[0].embedding) > 100
+    finally:
+        sdk.close()
+    one = requests.get(f"{proxy.url}/olla/models/{CHAT_ALIAS}", timeout=10)
+    assert one.status_code == 200 and one.json()["id"] == CHAT_ALIAS
+    assert one.json()["olla"]["availability"][0]["endpoint"] == "llamacpp-chat"
+    missing = requests.get(f"{proxy.url}/olla/models/nothing-like-it", timeout=10)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
