@@ -28,6 +28,7 @@ from .errors import ClientDisconnected, NoEndpointAvailable, UpstreamError, Upst
 from .health import mark_failed
 from .leases import Lease
 from .registry import Status, name_key
+from .routing import STRATEGY
 from .stats import Exchange, find_timings
 from .streaming import END, TIMEOUT, Clock, Source, first_item, relay
 from .upstream import Upstream, UpstreamConnectError, request_headers, response_headers
@@ -260,6 +261,10 @@ class Forward:
             ("X-Olla-Response-Time",
              f"{round((time.perf_counter() - self.request.started) * 1000)}ms"),
         ]
+        if candidate.reason:
+            headers += [("X-Olla-Routing-Strategy", STRATEGY),
+                        ("X-Olla-Routing-Decision", "routed"),
+                        ("X-Olla-Routing-Reason", header_value(candidate.reason))]
         return headers
 
     def _whole(self, status: int, upstream_headers: Mapping[str, str], content: bytes,

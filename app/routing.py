@@ -20,6 +20,19 @@ class Candidate:
     # endpoint lists): what metrics, stats and X-Olla-Model show, however the client
     # spelled it ("" when the endpoint lists no model).
     served: str = ""
+    # Why it was chosen, for X-Olla-Routing-Reason ("" when no model was named).
+    reason: str = ""
+
+
+# Olla's routing headers, on answers to requests that named a model. Olla's default
+# strategy, the only one here: a model is served only by endpoints that list it.
+STRATEGY = "strict"
+
+
+def routing_headers(decision: str, reason: str) -> dict[str, str]:
+    """X-Olla-Routing-Strategy, -Decision (routed, rejected) and -Reason."""
+    return {"X-Olla-Routing-Strategy": STRATEGY, "X-Olla-Routing-Decision": decision,
+            "X-Olla-Routing-Reason": reason}
 
 
 def describe(states: list[EndpointState]) -> str:
@@ -69,16 +82,19 @@ class Router:
             self.registry.refresh(max_age=0)
             serving = [s for s in states if s.serves(keys)]
         if not serving:
-            raise ModelNotFound(f"Model not found: {model}")
+            raise ModelNotFound(f"Model not found: {model}",
+                                headers=routing_headers("rejected", "model_not_found"))
         ordered = self._ordered(serving, route)
         if not ordered:
             raise ModelUnavailable(
                 f"Model {model} is served only by endpoints that cannot take requests now: "
-                f"{describe(serving)}")
+                f"{describe(serving)}", headers=routing_headers("rejected", "model_unavailable"))
         alias = self.alias_names.get(name_key(model))
+        reason = (f'alias "{alias}" resolved to {len(ordered)} endpoint(s)' if alias
+                  else "model_found")
         out = []
         for state in ordered:
             native = state.native_name(keys)
             out.append(Candidate(state, native if alias else None,
-                                 alias or native or state.primary_model or ""))
+                                 alias or native or state.primary_model or "", reason))
         return out

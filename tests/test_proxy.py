@@ -444,6 +444,29 @@ def test_model_alias_rewrites_model_for_the_chosen_endpoint(
         "model": "gemma-3-270m-q4_k_m.gguf", "messages": [{"role": "user", "content": "x"}],
         "extra": 1})
     assert response.headers["X-Olla-Model"] == "my-chat"
+    assert response.headers["X-Olla-Routing-Strategy"] == "strict"
+    assert response.headers["X-Olla-Routing-Decision"] == "routed"
+    assert response.headers["X-Olla-Routing-Reason"] == 'alias "my-chat" resolved to 1 endpoint(s)'
+
+
+def test_routing_headers_say_what_was_decided(two_endpoints: FlaskClient,
+                                              fake: responses.RequestsMock) -> None:
+    fake.post(f"{CHAT_URL}/v1/chat/completions", json={"choices": []})
+    fake.post(f"{CHAT_URL}/completion", json={"content": ""})
+    chat = {"messages": [{"role": "user", "content": "x"}], "stream": False}
+    routed = two_endpoints.post("/olla/llamacpp/v1/chat/completions", json={
+        **chat, "model": "llama-3.1-8b-instruct-q4_k_m.gguf"})
+    assert (routed.headers["X-Olla-Routing-Decision"],
+            routed.headers["X-Olla-Routing-Reason"]) == ("routed", "model_found")
+    missing = two_endpoints.post("/olla/llamacpp/v1/chat/completions",
+                                 json={**chat, "model": "nope"})
+    assert missing.status_code == 404
+    assert (missing.headers["X-Olla-Routing-Strategy"],
+            missing.headers["X-Olla-Routing-Decision"],
+            missing.headers["X-Olla-Routing-Reason"]) == ("strict", "rejected",
+                                                          "model_not_found")
+    unnamed = two_endpoints.post("/olla/llamacpp/completion", json={"prompt": "x"})
+    assert unnamed.status_code == 200 and "X-Olla-Routing-Decision" not in unnamed.headers
 
 
 def test_stream_relayed_with_sse_headers(two_endpoints: FlaskClient,

@@ -50,6 +50,8 @@ def test_only_unroutable_servers_is_model_unavailable_naming_states() -> None:
     assert raised.value.status == 503 and raised.value.code == "model_unavailable"
     assert "chat-1 (loading)" in raised.value.message
     assert "chat-2 (offline)" in raised.value.message
+    assert raised.value.headers["X-Olla-Routing-Decision"] == "rejected"
+    assert raised.value.headers["X-Olla-Routing-Reason"] == "model_unavailable"
 
 
 def test_no_model_goes_to_any_routable_endpoint() -> None:
