@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import openai
 import pytest
 
 from .procs import LlamaServer, Proxy, running
@@ -65,3 +66,12 @@ def proxy(start_proxy: Callable[..., Proxy], llama_chat: LlamaServer,
         {"url": llama_chat.url, "name": "llamacpp-chat", "type": "llamacpp", "priority": 90},
         {"url": llama_embed.url, "name": "llamacpp-embed", "type": "llamacpp", "priority": 80},
     ]})
+
+
+@pytest.fixture
+def client(proxy: Proxy) -> Iterator[openai.OpenAI]:
+    """The real openai SDK pointed at the session proxy's /olla/llamacpp/v1."""
+    sdk = openai.OpenAI(base_url=f"{proxy.url}/olla/llamacpp/v1", api_key="not-needed",
+                        max_retries=0, timeout=60)
+    yield sdk
+    sdk.close()

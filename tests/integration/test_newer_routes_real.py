@@ -5,8 +5,6 @@ and Olla's unified routes (/olla/proxy/v1/*, /olla/models/{id})."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import openai
 import pytest
 import requests
@@ -15,14 +13,6 @@ from .conftest import CHAT_ALIAS
 from .procs import LlamaServer, Proxy
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def client(proxy: Proxy) -> Iterator[openai.OpenAI]:
-    sdk = openai.OpenAI(base_url=f"{proxy.url}/olla/llamacpp/v1", api_key="not-needed",
-                        max_retries=0, timeout=60)
-    yield sdk
-    sdk.close()
 
 
 def test_the_responses_api_with_the_openai_sdk(client: openai.OpenAI, proxy: Proxy,

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import openai
 import pytest
 
 from .conftest import CHAT_ALIAS
-from .procs import Proxy
 
 pytestmark = pytest.mark.integration
 
 EMBED_MODEL = "gemma-3-270m-q4_k_m.gguf"
-
-
-@pytest.fixture
-def client(proxy: Proxy) -> Iterator[openai.OpenAI]:
-    sdk = openai.OpenAI(base_url=f"{proxy.url}/olla/llamacpp/v1", api_key="not-needed",
-                        max_retries=0, timeout=60)
-    yield sdk
-    sdk.close()
 
 
 def test_chat_completion(client: openai.OpenAI) -> None:
