@@ -35,12 +35,15 @@ class Drains:
 
     def __init__(self, states: Mapping[str, EndpointState], state: StateSettings,
                  environ: Mapping[str, str] | None = None,
-                 on_change: Callable[[Iterable[EndpointState]], None] | None = None) -> None:
+                 on_change: Callable[[Iterable[EndpointState]], None] | None = None,
+                 table: SharedTable | None = None) -> None:
+        """``table``: the worker's Redis connections (the slot table's), when it has them;
+        else, with ``state.redis_url``, connections of its own."""
         self.states = states
         self.on_change = on_change
-        self._table: SharedTable | None = None
+        self._table: SharedTable | None = table
         self._key = f"{state.key_prefix}:drains"
-        if state.redis_url:
+        if table is None and state.redis_url:
             from .shared import SharedTable
 
             self._table = SharedTable(state, "", {})

@@ -163,16 +163,19 @@ class Verdict:
 class Limiter:
     """Every rate limit, checked per request."""
 
-    def __init__(self, limits: RateLimits, keys: Iterable[ApiKey],
-                 state: StateSettings) -> None:
-        self.settings = limits
+    def __init__(self, limits: RateLimits, keys: Iterable[ApiKey], state: StateSettings,
+                 table: SharedTable | None = None) -> None:
+        """``table``: the worker's Redis connections (the slot table's), when it has them;
+        else, with ``state.redis_url``, connections of its own."""
         self.keys = {k.name: k for k in keys}
         self._local = Windows()
-        self._shared: SharedTable | None = None
-        if state.redis_url:
+        self._shared: SharedTable | None = table
+        if table is None and state.redis_url:
             from .shared import SharedTable
 
-            self._shared = SharedTable(state, "", {"windows": WINDOWS})
+            self._shared = SharedTable(state, "", {})
+        if self._shared is not None:
+            self._shared.add_script("windows", WINDOWS)
         self._warned = -math.inf
         burst = limits.burst_size
         self._burst = Limit(burst, 1) if burst else None

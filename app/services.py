@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from flask import Flask, current_app
 
@@ -22,6 +23,9 @@ from .registry import Registry
 from .routing import Router
 from .stats import Exchange, Stats
 from .upstream import UpstreamPool
+
+if TYPE_CHECKING:
+    from .shared import SharedTable
 
 
 @dataclass
@@ -74,11 +78,15 @@ class Services:
         shared = settings.state.redis_url is not None
         metrics = Metrics(shared=shared)
         dispatcher: Dispatcher
+        # One set of Redis connections per worker, for the slot table, the rate limits and
+        # the drains.
+        table: SharedTable | None = None
         if shared:
             from .shared import SharedDispatcher
 
             dispatcher = SharedDispatcher(settings.proxy.queue, settings.state,
                                           registry.states, metrics, workers)
+            table = dispatcher.table
         else:
             dispatcher = Dispatcher(settings.proxy.queue, metrics, workers,
                                     settings.state.lease_ttl)
@@ -86,7 +94,8 @@ class Services:
         # The renewing greenlet: renews this worker's leases (in Redis too), reclaims
         # dropped ones, cuts off clients whose writes stalled.
         write_timeout = settings.proxy.write_timeout
-        drains = Drains(registry.states, settings.state, on_change=dispatcher.refresh)
+        drains = Drains(registry.states, settings.state, on_change=dispatcher.refresh,
+                        table=table)
 
         def round_() -> None:
             drains.sync()
@@ -95,7 +104,7 @@ class Services:
         renewer = Repeating(round_, min(1.0, settings.state.lease_ttl / 4), "lease renewal")
         server = settings.server
         access = Access.of(settings.auth.api_keys, server.rate_limits, server.internal_access)
-        limiter = Limiter(server.rate_limits, settings.auth.api_keys, settings.state)
+        limiter = Limiter(server.rate_limits, settings.auth.api_keys, settings.state, table)
         return cls(settings, version, pool, registry, router, health, Stats(), dispatcher,
                    metrics, RequestLog(), renewer, access, limiter, drains)
 

@@ -360,6 +360,10 @@ class SharedTable:
         self._scripts = {name: self.client.register_script(body)
                          for name, body in scripts.items()}
 
+    def add_script(self, name: str, body: str) -> None:
+        """One more script on this table's connections (the rate limiter's windows)."""
+        self._scripts[name] = self.client.register_script(body)
+
     def run(self, name: str, *args: Any) -> Any:
         """Run one script with the prefix and TTL in front of its arguments: EVALSHA on a
         pooled connection directly (redis-py's Script and client layers cost as much again
