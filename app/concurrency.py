@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -16,6 +17,22 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_AT_ONCE = 16
 PAUSE = 0.0001  # seconds: a timer this short makes the loop look at sockets, then come back
+# For /internal/process: the servers whose pools hold a greenlet per client connection
+# (the worker registers them), and the greenlets or threads started here.
+SERVERS: weakref.WeakSet[Any] = weakref.WeakSet()
+BACKGROUND: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def running_counts() -> tuple[int, int]:
+    """(greenlets serving a client connection, background greenlets or threads alive)."""
+    connections = sum(len(server.pool) for server in list(SERVERS)
+                      if getattr(server, "pool", None) is not None)
+    return connections, sum(1 for task in list(BACKGROUND) if _alive(task))
+
+
+def _alive(task: Any) -> bool:
+    dead = getattr(task, "dead", None)  # a greenlet's; a thread has is_alive()
+    return not dead if dead is not None else bool(task.is_alive())
 
 
 def gevent_active() -> bool:
@@ -58,11 +75,14 @@ def spawn(function: Callable[[], Any]) -> Any:
     if gevent_active():
         import gevent
 
-        return gevent.spawn(function)
+        greenlet = gevent.spawn(function)
+        BACKGROUND.add(greenlet)
+        return greenlet
     import threading
 
     thread = threading.Thread(target=function, daemon=True)
     thread.start()
+    BACKGROUND.add(thread)
     return thread
 
 
@@ -96,6 +116,7 @@ class Repeating:
 
         if self._greenlet is None:
             self._greenlet = gevent.spawn(self._run)
+            BACKGROUND.add(self._greenlet)
 
     def _run(self) -> None:
         import gevent

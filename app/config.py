@@ -201,6 +201,21 @@ class QueueSettings:
 
 
 @dataclass(frozen=True)
+class StickySettings:
+    """Olla's ``proxy.sticky_sessions``: a conversation's turns go to the endpoint that
+    served the last one (its llama.cpp still holds the prompt in its KV cache)."""
+
+    enabled: bool = False
+    idle_ttl_seconds: int = 600          # a session unused this long is forgotten (sliding)
+    max_sessions: int = 10000            # the least recently used go beyond this
+    key_sources: tuple[str, ...] = ("session_header", "prefix_hash", "auth_header")
+    prefix_hash_bytes: int = 512         # leading bytes of the conversation hashed
+    # A pinned endpoint with no free slot while another candidate has one: wait this long
+    # for the pinned one, then go to the free one ("spill").
+    spill_after: float = 1.0
+
+
+@dataclass(frozen=True)
 class ProxySettings(Timeouts):
     """How the proxy talks to upstreams."""
 
@@ -215,6 +230,7 @@ class ProxySettings(Timeouts):
     # Non-streamed generation requests go upstream as streams, assembled here, so that a
     # client that leaves frees its llama.cpp slot at once.
     assemble_non_streamed: bool = True
+    sticky_sessions: StickySettings = field(default_factory=StickySettings)
 
 
 @dataclass(frozen=True)
@@ -240,6 +256,16 @@ class EmbeddedSettings:
 
 
 @dataclass(frozen=True)
+class AnthropicSettings:
+    """Olla's ``translators.anthropic``: the Anthropic Messages routes under
+    ``/olla/anthropic/``, passed through to llama.cpp's own ``/v1/messages``."""
+
+    enabled: bool = True
+    passthrough_enabled: bool = True     # false would mean translating: not built here
+    max_message_size: int = 10 * MIB     # bytes of a request body; 413 beyond
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the app needs, validated once."""
 
@@ -253,6 +279,7 @@ class Settings:
     embedded: EmbeddedSettings = field(default_factory=EmbeddedSettings)
     state: StateSettings = field(default_factory=StateSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    anthropic: AnthropicSettings = field(default_factory=AnthropicSettings)
     log_level: str = "info"
     log_format: str = "text"
     log_output: str = "stderr"           # stdout, stderr or a file path
@@ -414,6 +441,36 @@ class QueueSchema(Strict):
     retry_after = fields.Integer(strict=True, validate=validate.Range(min=0))
 
 
+STICKY_KEY_SOURCES = ("session_header", "prefix_hash", "auth_header", "ip")
+
+
+class StickySchema(Strict):
+    enabled = StrictBoolean()
+    idle_ttl_seconds = fields.Integer(strict=True, validate=validate.Range(min=1))
+    max_sessions = fields.Integer(strict=True, validate=validate.Range(min=1))
+    key_sources = fields.List(fields.String(validate=validate.OneOf(STICKY_KEY_SOURCES)),
+                              validate=validate.Length(min=1))
+    prefix_hash_bytes = fields.Integer(strict=True, validate=validate.Range(min=16))
+    spill_after = Duration()
+
+
+class InspectorSchema(Strict):
+    enabled = StrictBoolean()
+    output_dir = fields.String()
+    session_header = fields.String()
+
+
+class AnthropicSchema(Strict):
+    enabled = StrictBoolean()
+    passthrough_enabled = StrictBoolean()
+    max_message_size = fields.Integer(strict=True, validate=validate.Range(min=1024))
+    inspector = fields.Nested(InspectorSchema)
+
+
+class TranslatorsSchema(Strict):
+    anthropic = fields.Nested(AnthropicSchema)
+
+
 class ProxySchema(Strict):
     connection_timeout = Duration(validate=POSITIVE)
     first_byte_timeout = Duration(validate=POSITIVE)
@@ -427,6 +484,7 @@ class ProxySchema(Strict):
         validate=validate.OneOf(BALANCER_NAMES)
     )
     queue = fields.Nested(QueueSchema)
+    sticky_sessions = fields.Nested(StickySchema)
 
 
 class EndpointSchema(Strict):
@@ -508,6 +566,7 @@ class ConfigSchema(Strict):
     state = fields.Nested(StateSchema)
     logging = fields.Nested(LoggingSchema)
     auth = fields.Nested(AuthSchema)
+    translators = fields.Nested(TranslatorsSchema)
 
     @validates_schema
     def _one_endpoint_list(self, data: dict[str, Any], **kwargs: Any) -> None:
@@ -650,6 +709,22 @@ def _auth(raw: Mapping[str, Any], environ: Mapping[str, str]) -> AuthSettings:
     return AuthSettings(api_keys=tuple(keys))
 
 
+def _anthropic(raw: Mapping[str, Any]) -> AnthropicSettings:
+    """``translators.anthropic``. Only passthrough is built: llama-server answers the
+    Messages API itself, so there is nothing to translate, and a setting asking for
+    translation (or Olla's request inspector) is refused rather than ignored."""
+    values = dict(raw)
+    if values.get("passthrough_enabled") is False:
+        raise ConfigError("translators.anthropic.passthrough_enabled: false asks for "
+                          "Anthropic-to-OpenAI translation, which this proxy does not do: "
+                          "llama.cpp serves /v1/messages itself, so requests are passed "
+                          "through (set it to true, or leave it out)")
+    if values.pop("inspector", {}).get("enabled") is True:
+        raise ConfigError("translators.anthropic.inspector: Olla's request inspector (which "
+                          "writes prompts to files) is not built here; leave it disabled")
+    return AnthropicSettings(**values)
+
+
 def _state(raw: Mapping[str, Any], environ: Mapping[str, str]) -> StateSettings:
     """``state``, with ``$OLLA_REDIS_URL`` (when set and not empty) in place of the file's
     ``redis_url``; ``${VAR}`` in the URL is expanded (a password kept in the environment)."""
@@ -679,7 +754,11 @@ def settings_from_mapping(raw: Mapping[str, Any] | None,
 
     server = _server(data.get("server", {}), environ)
     proxy_raw = dict(data.get("proxy", {}))
-    proxy = ProxySettings(queue=QueueSettings(**proxy_raw.pop("queue", {})), **proxy_raw)
+    sticky = dict(proxy_raw.pop("sticky_sessions", {}))
+    if "key_sources" in sticky:
+        sticky["key_sources"] = tuple(sticky["key_sources"])
+    proxy = ProxySettings(queue=QueueSettings(**proxy_raw.pop("queue", {})),
+                          sticky_sessions=StickySettings(**sticky), **proxy_raw)
     endpoint_list = data.get("endpoints")
     list_key = "endpoints"
     if endpoint_list is None:
@@ -703,6 +782,7 @@ def settings_from_mapping(raw: Mapping[str, Any] | None,
         embedded=EmbeddedSettings(**data.get("embedded", {})),
         state=_state(data.get("state", {}), environ),
         auth=_auth(data.get("auth", {}), environ),
+        anthropic=_anthropic(data.get("translators", {}).get("anthropic", {})),
         log_level=logging_raw.get("level", Settings.log_level),
         log_format=logging_raw.get("format", Settings.log_format),
         log_output=logging_raw.get("output", Settings.log_output),

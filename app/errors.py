@@ -9,8 +9,10 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
-from flask import Flask, Response, current_app, request
+from flask import Flask, Response, current_app, g, has_request_context, request
 from werkzeug.exceptions import HTTPException
+
+from .dialect import for_path
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,14 @@ class InvalidRequest(ProxyError):
     status = 400
     type = "invalid_request_error"
     code = "invalid_parameter"
+
+
+class BodyTooLarge(ProxyError):
+    """A body over a route's own limit (the server's is Werkzeug's 413)."""
+
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
 
 
 class RequestTimeout(ProxyError):
@@ -139,8 +149,14 @@ class UpstreamTimeout(UpstreamError):
 
 def json_error(status: int, message: str, type_: str, code: str,
                headers: dict[str, str] | None = None) -> Response:
-    """A Response carrying the error envelope."""
-    body = json.dumps({"error": {"message": message, "type": type_, "code": code}})
+    """A Response carrying the error envelope: the spec's, or Anthropic's on the Anthropic
+    routes."""
+    if has_request_context():
+        body = for_path(request.path).error_body(status, message, type_, code,
+                                                 g.get("request_id", ""))
+    else:
+        body = json.dumps({"error": {"message": message, "type": type_, "code": code}}
+                          ).encode()
     return Response(body, status=status, headers=headers, mimetype="application/json")
 
 

@@ -23,13 +23,15 @@ from urllib.parse import quote
 
 from . import assemble
 from .config import Timeouts
-from .dispatch import ANYONE, Share
+from .dialect import Dialect
+from .dispatch import ANYONE, Share, WaitedTooLong
 from .errors import ClientDisconnected, NoEndpointAvailable, UpstreamError, UpstreamTimeout
 from .health import mark_failed
 from .leases import Lease
-from .registry import Status, name_key
+from .registry import EndpointState, Status, name_key
 from .routing import STRATEGY
 from .stats import Exchange, find_timings
+from .sticky import Pin, SessionKey
 from .streaming import END, TIMEOUT, Clock, Source, first_item, relay
 from .upstream import Upstream, UpstreamConnectError, request_headers, response_headers
 
@@ -61,7 +63,7 @@ class Request:
     """What the view hands over: a validated request, ready to forward."""
 
     route: str                       # the path under the prefix: "v1/chat/completions"
-    openai: bool                     # an OpenAI route (streams end with [DONE])
+    dialect: Dialect                 # errors and stream ends the client expects
     path: str                        # upstream path with query string
     body: bytes                      # the client's bytes, forwarded as they are
     payload: dict[str, Any]          # the parsed body
@@ -72,6 +74,8 @@ class Request:
     watch: Watch | None = None       # the client's socket, watched while waiting
     client_socket: Any = None        # to close it when a write to the client stalls
     share: Share = ANYONE            # whose request: the API key, for fair shares
+    session: SessionKey | None = None  # its sticky session, when sticky sessions are on
+    session_id: str = ""             # the client's X-Olla-Session-ID, echoed
 
 
 @dataclass(slots=True)
@@ -97,6 +101,8 @@ class Forward:
     _closed: bool = False
     _failures: list[str] = field(default_factory=list)
     _died_after_sending: int = 0
+    _pin: Pin | None = None
+    _pin_was_candidate: bool = False
 
     # ------------------------------------------------------------------------ the loop
 
@@ -135,6 +141,8 @@ class Forward:
         assembled = (svc.settings.proxy.assemble_non_streamed
                      and assemble.applies(req.route, req.payload))
         remaining = svc.router.candidates(req.model, req.route)
+        if svc.sticky is not None and req.session is not None:
+            self._pin = svc.sticky.pin(req.session)
         while remaining:
             candidate = self._take_slot(remaining)
             remaining = [c for c in remaining if c is not candidate]
@@ -207,10 +215,7 @@ class Forward:
         """Wait for a lease on one of the candidates; start this attempt's Exchange."""
         svc, req = self.svc, self.request
         waiting = time.perf_counter()
-        lease = svc.dispatcher.acquire(name_key(req.model) if req.model else "",
-                                       [c.state for c in remaining], req.request_id,
-                                       wait=req.watch.wait if req.watch else None,
-                                       share=req.share)
+        lease = self._acquire([c.state for c in remaining])
         self.lease = lease
         if req.client_socket is not None:
             # Not a bound method of this Forward: a lease -> forward -> lease cycle would
@@ -225,6 +230,31 @@ class Forward:
                                  client=req.share.name)
         svc.metrics.child(svc.metrics.queue_wait, self.exchange.model).observe(queue_wait)
         return candidate
+
+    def _acquire(self, eligible: list[EndpointState]) -> Lease:
+        """A lease on one of ``eligible`` (the balancer's order). A sticky session's pinned
+        endpoint goes first, on the first attempt; when it has no free slot while another
+        has one, the request waits ``spill_after`` for it before going to the other."""
+        svc, req = self.svc, self.request
+        key = name_key(req.model) if req.model else ""
+        wait = req.watch.wait if req.watch else None
+        pin, self._pin_was_candidate = self._pin, False
+        pinned = next((s for s in eligible if pin is not None
+                       and s.endpoint.name == pin.pinned), None)
+        if pinned is not None and svc.sticky is not None:
+            self._pin_was_candidate = True
+            eligible = [pinned, *(s for s in eligible if s is not pinned)]
+            spill_after = svc.sticky.settings.spill_after
+            dispatcher = svc.dispatcher
+            if spill_after > 0 and not dispatcher.has_room(pinned) and any(
+                    dispatcher.has_room(s) for s in eligible[1:]):
+                try:
+                    return dispatcher.acquire(key, [pinned], req.request_id, wait=wait,
+                                              share=req.share, timeout=spill_after)
+                except WaitedTooLong:
+                    pass  # spill: whichever candidate has a slot
+        return svc.dispatcher.acquire(key, eligible, req.request_id, wait=wait,
+                                      share=req.share)
 
     def _pass_over(self, why: str, mark: Status | None, ok: bool = False) -> None:
         """An attempt the request moves on from: not counted as the client's request, the
@@ -251,6 +281,7 @@ class Forward:
         headers = [(k, v) for k, v in response_headers(upstream_headers)
                    if k.lower() not in replaced]
         headers += ours.items()
+        headers += self.request.dialect.headers
         headers += [
             ("X-Olla-Endpoint", header_value(exchange.state.endpoint.name)),
             # The fleet's name for the model, in one form however the client spelled it.
@@ -261,6 +292,15 @@ class Forward:
             ("X-Olla-Response-Time",
              f"{round((time.perf_counter() - self.request.started) * 1000)}ms"),
         ]
+        sticky = self.svc.sticky
+        if sticky is not None:
+            session = self.request.session
+            outcome = sticky.served(self._pin, exchange.state.endpoint.name,
+                                    self._pin_was_candidate)
+            headers += [("X-Olla-Sticky-Session", outcome),
+                        ("X-Olla-Sticky-Key-Source", session.source if session else "none")]
+            if self.request.session_id:
+                headers.append(("X-Olla-Session-ID", header_value(self.request.session_id)))
         if candidate.reason:
             headers += [("X-Olla-Routing-Strategy", STRATEGY),
                         ("X-Olla-Routing-Decision", "routed"),
@@ -275,6 +315,10 @@ class Forward:
         assert exchange is not None
         if b'"timings"' in content or b'"usage"' in content:
             exchange.timings = find_timings(content)
+        translated = self.request.dialect.upstream_error(content, status)
+        if translated is not None:
+            content = translated
+            ours = {**(ours or {}), "Content-Type": "application/json"}
         headers = self._headers(upstream_headers, candidate, ours or {}, drop)
         exchange.status = status
         exchange.finish()
@@ -288,7 +332,7 @@ class Forward:
         assert exchange is not None and lease is not None
         headers = self._headers(upstream.headers, candidate, STREAM_HEADERS)
         lease.interrupt = upstream.interrupt  # the Upstream's, not this Forward's: no cycle
-        body = relay(source, exchange, clock, first, openai=self.request.openai,
+        body = relay(source, exchange, clock, first, dialect=self.request.dialect,
                      client_gone=self._client_gone, lease=lease)
         return Answer(upstream.status, headers, body, stream=True)
 

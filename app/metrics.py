@@ -63,8 +63,13 @@ class Metrics:
                                   "Time the proxy itself added before the upstream request "
                                   "went out (parsing, validation, routing; queue wait "
                                   "excluded)", LABELS, buckets=OVERHEAD, registry=r)
-        self.prompt_tokens = Counter("olla_prompt_tokens", "Prompt tokens (llama.cpp usage)",
+        self.prompt_tokens = Counter("olla_prompt_tokens",
+                                     "Prompt tokens (llama.cpp usage), KV-cache hits included",
                                      ["endpoint", "model"], registry=r)
+        self.prompt_cached_tokens = Counter(
+            "olla_prompt_cached_tokens",
+            "Prompt tokens llama.cpp reused from its KV cache (timings.cache_n)",
+            ["endpoint", "model"], registry=r)
         self.completion_tokens = Counter("olla_completion_tokens",
                                          "Generated tokens (llama.cpp usage)",
                                          ["endpoint", "model"], registry=r)
@@ -108,6 +113,9 @@ class Metrics:
         endpoint_model = labels[:2]
         if prompt:
             child(self.prompt_tokens, *endpoint_model).inc(prompt)
+            cached = exchange.cached_tokens()
+            if cached:
+                child(self.prompt_cached_tokens, *endpoint_model).inc(cached)
         if completion:
             child(self.completion_tokens, *endpoint_model).inc(completion)
         if rate:
@@ -117,14 +125,30 @@ class Metrics:
         """Count one answered request (proxied or refused by the proxy itself)."""
         self.child(self.requests, endpoint, model, route, str(status)).inc()
 
+    def _merged(self) -> CollectorRegistry:
+        """Every worker's series (this one's alone without the multiprocess directory)."""
+        if not self.multiprocess_dir:
+            return self.registry
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        return merged
+
+    def prompt_totals(self) -> dict[tuple[str, str], tuple[float, float]]:
+        """(prompt tokens, of them from the KV cache) per (endpoint, model), summed over
+        this proxy's workers."""
+        wanted = {"olla_prompt_tokens_total": 0, "olla_prompt_cached_tokens_total": 1}
+        out: dict[tuple[str, str], list[float]] = {}
+        for family in self._merged().collect():
+            for sample in family.samples:
+                at = wanted.get(sample.name)
+                if at is not None:
+                    labels = (sample.labels["endpoint"], sample.labels["model"])
+                    out.setdefault(labels, [0.0, 0.0])[at] += sample.value
+        return {labels: (totals[0], totals[1]) for labels, totals in out.items()}
+
     def render(self, svc: Services) -> bytes:
         """The exposition: every worker's series, plus this worker's view of the fleet."""
-        if self.multiprocess_dir:
-            merged = CollectorRegistry()
-            MultiProcessCollector(merged, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
-            body = generate_latest(merged)
-        else:
-            body = generate_latest(self.registry)
+        body = generate_latest(self._merged())
         fleet = CollectorRegistry()
         fleet.register(FleetCollector(svc))
         return body + generate_latest(fleet)

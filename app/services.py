@@ -18,10 +18,12 @@ from .drain import Drains
 from .health import HealthLoop
 from .logs import RequestLog
 from .metrics import Metrics
+from .process import gc_timer
 from .ratelimit import Limiter
-from .registry import Registry
+from .registry import EndpointState, Registry
 from .routing import Router
 from .stats import Exchange, Stats
+from .sticky import LocalSessions, RedisSessions, Sticky, Store
 from .upstream import UpstreamPool
 
 if TYPE_CHECKING:
@@ -46,6 +48,7 @@ class Services:
     access: Access
     limiter: Limiter
     drains: Drains
+    sticky: Sticky | None = None         # proxy.sticky_sessions, when enabled
     observers: tuple[Callable[[Exchange], None], ...] = ()
 
     def __post_init__(self) -> None:
@@ -70,6 +73,7 @@ class Services:
         (default ``$OLLA_WORKER_COUNT``, which gunicorn.conf.py sets in each worker)."""
         if workers is None:
             workers = int(os.environ.get(WORKER_COUNT_ENV) or 1)
+        gc_timer()  # /internal/process reports the collector's time from the start
         pool = UpstreamPool(settings.endpoints, settings.proxy)
         registry = Registry(settings.endpoints, pool,
                             discovery_interval=settings.discovery_interval)
@@ -90,7 +94,20 @@ class Services:
         else:
             dispatcher = Dispatcher(settings.proxy.queue, metrics, workers,
                                     settings.state.lease_ttl)
-        health = HealthLoop(registry, on_change=dispatcher.refresh, in_use=dispatcher.in_use)
+        sticky: Sticky | None = None
+        sticky_settings = settings.proxy.sticky_sessions
+        if sticky_settings.enabled:
+            local = LocalSessions(sticky_settings)
+            store: Store = local if table is None else RedisSessions(sticky_settings, table,
+                                                                     local)
+            sticky = Sticky(sticky_settings, store)
+
+        def health_changed(states: list[EndpointState]) -> None:
+            if sticky is not None:
+                sticky.health_changed(states)
+            dispatcher.refresh(states)
+
+        health = HealthLoop(registry, on_change=health_changed, in_use=dispatcher.in_use)
         # The renewing greenlet: renews this worker's leases (in Redis too), reclaims
         # dropped ones, cuts off clients whose writes stalled.
         write_timeout = settings.proxy.write_timeout
@@ -106,7 +123,7 @@ class Services:
         access = Access.of(settings.auth.api_keys, server.rate_limits, server.internal_access)
         limiter = Limiter(server.rate_limits, settings.auth.api_keys, settings.state, table)
         return cls(settings, version, pool, registry, router, health, Stats(), dispatcher,
-                   metrics, RequestLog(), renewer, access, limiter, drains)
+                   metrics, RequestLog(), renewer, access, limiter, drains, sticky)
 
     def start_background(self) -> None:
         """Start this worker's health-check and lease-renewing greenlets, and the shared

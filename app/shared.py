@@ -477,11 +477,21 @@ class SharedDispatcher(Dispatcher):
 
     # ------------------------------------------------------------------ taking, giving
 
+    def has_room(self, state: EndpointState) -> bool:
+        """Whether the fleet's table has a free slot there now (this worker's while Redis
+        is down)."""
+        if not self.reachable:
+            return super().has_room(state)
+        capacity = _capacity(state)
+        return capacity < 0 or (capacity > 0 and self.in_use(state) < capacity)
+
     def acquire(self, key: str, eligible: Sequence[EndpointState], request_id: str = "",
-                wait: Wait | None = None, share: Share = ANYONE) -> Lease:
+                wait: Wait | None = None, share: Share = ANYONE,
+                timeout: float | None = None) -> Lease:
         """As ``Dispatcher.acquire``, fleet-wide while Redis answers."""
+        limit = self.settings.timeout if timeout is None else timeout
         if not self.reachable or self.closing:
-            return super().acquire(key, eligible, request_id, wait, share)
+            return super().acquire(key, eligible, request_id, wait, share, timeout)
         # A slot now only where this worker sees the endpoint usable; once queued, any of
         # them, as the shared capacity (published by every worker's probes) allows.
         usable = "\n".join(s.endpoint.name for s in eligible if _usable(s))
@@ -494,25 +504,27 @@ class SharedDispatcher(Dispatcher):
             try:
                 verdict, endpoint, reclaimed = self.table.run(
                     "acquire", key, self.settings.max_size, self.table.worker, request_id,
-                    lease_id, int(self.settings.timeout * 1000), usable, names,
+                    lease_id, int(limit * 1000), usable, names,
                     share.name, share.weight, share.max_concurrent, *self._take_released())
             except RedisDown as exc:
                 self._down(exc)
-                return super().acquire(key, eligible, request_id, wait, share)
+                return super().acquire(key, eligible, request_id, wait, share, timeout)
             self._log_reclaimed(reclaimed)
             if verdict == "granted":
                 return self._adopt_shared(lease_id, request_id, endpoint, share)
             if verdict == "full":
                 raise self._exhausted(f"the queue for {key or 'this route'} is full "
                                       f"({self.settings.max_size} waiting, fleet-wide)")
-            return self._await(key, eligible, lease_id, request_id, grant, wait, share)
+            return self._await(key, eligible, lease_id, request_id, grant, wait, share,
+                               limit)
         finally:
             self._grants.pop(lease_id, None)
 
     def _await(self, key: str, eligible: Sequence[EndpointState], lease_id: str,
-               request_id: str, grant: list[Any], wait: Wait | None, share: Share) -> Lease:
+               request_id: str, grant: list[Any], wait: Wait | None, share: Share,
+               limit: float) -> Lease:
         """Wait in the shared queue: woken by pub/sub, or finding the grant by polling."""
-        deadline = time.monotonic() + self.settings.timeout
+        deadline = time.monotonic() + limit
         endpoint: str | None = None
         try:
             while endpoint is None:
@@ -527,7 +539,7 @@ class SharedDispatcher(Dispatcher):
                     endpoint = _text(found) if found else None
         except RedisDown as exc:
             self._down(exc)
-            return super().acquire(key, eligible, request_id, wait, share)
+            return super().acquire(key, eligible, request_id, wait, share, limit)
         except BaseException:
             # The client went away while waiting: leave the queue, or give back the slot
             # granted just as it left.
@@ -538,7 +550,7 @@ class SharedDispatcher(Dispatcher):
             if endpoint is None:
                 if self.closing:
                     raise self._shutting_down()
-                raise self._exhausted(f"no slot freed within {self.settings.timeout:g} s")
+                raise self._waited_too_long(limit)
         else:
             self._forget_waiter(lease_id)
         return self._adopt_shared(lease_id, request_id, endpoint, share)

@@ -37,12 +37,22 @@ def find_timings(data: bytes) -> dict[str, Any] | None:
             document = json.loads(raw)
         except ValueError:
             continue
+        if isinstance(document, dict) and isinstance(document.get("message"), dict):
+            document = document["message"]  # Anthropic's message_start event
         if isinstance(document, dict):
             found = {k: document[k] for k in ("timings", "usage")
                      if isinstance(document.get(k), dict)}
             if found:
                 return found
     return None
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _int(value: Any) -> int:
+    return value if _count(value) else 0
 
 
 @dataclass
@@ -61,11 +71,30 @@ class ModelStats:
     endpoints: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass
+class TranslatorStats:
+    """Requests through one of Olla's translators in this worker (here only Anthropic's,
+    always passed through to llama.cpp's own Messages API)."""
+
+    requests: int = 0
+    successes: int = 0
+    streaming: int = 0
+    latency_sum_ms: float = 0.0
+
+    def record(self, ok: bool, streaming: bool, latency_ms: float) -> None:
+        """Count one answered request (a stream when it ended)."""
+        self.requests += 1
+        self.successes += ok
+        self.streaming += streaming
+        self.latency_sum_ms += latency_ms
+
+
 class Stats:
     """Aggregates finished exchanges."""
 
     def __init__(self) -> None:
         self.models: dict[str, ModelStats] = {}
+        self.translators: dict[str, TranslatorStats] = {"anthropic": TranslatorStats()}
         self.started = time.time()
 
     def record(self, exchange: Exchange) -> None:
@@ -128,15 +157,35 @@ class Exchange:
 
     def usage(self) -> tuple[int | None, int | None, float | None]:
         """(prompt tokens, generated tokens, tokens per second) from llama.cpp's ``usage``
-        or ``timings``, where it reported them."""
+        (OpenAI's or Anthropic's fields) or ``timings``, where it reported them. Prompt
+        tokens count those read from the KV cache too."""
         timings = (self.timings or {}).get("timings") or {}
         usage = (self.timings or {}).get("usage") or {}
-        prompt = usage.get("prompt_tokens", timings.get("prompt_n"))
-        completion = usage.get("completion_tokens", timings.get("predicted_n"))
+        prompt = usage.get("prompt_tokens")
+        if not _count(prompt) and _count(usage.get("input_tokens")):
+            prompt = usage["input_tokens"] + _int(usage.get("cache_read_input_tokens"))
+        if not _count(prompt) and _count(timings.get("prompt_n")):
+            prompt = timings["prompt_n"] + _int(timings.get("cache_n"))
+        completion = usage.get("completion_tokens", usage.get("output_tokens",
+                                                               timings.get("predicted_n")))
         rate = timings.get("predicted_per_second")
-        return (prompt if isinstance(prompt, int) else None,
-                completion if isinstance(completion, int) else None,
+        return (prompt if _count(prompt) else None,
+                completion if _count(completion) else None,
                 float(rate) if isinstance(rate, (int, float)) and rate > 0 else None)
+
+    def cached_tokens(self) -> int | None:
+        """Prompt tokens llama.cpp took from its KV cache instead of processing them:
+        ``timings.cache_n``, OpenAI's ``prompt_tokens_details.cached_tokens`` or
+        Anthropic's ``cache_read_input_tokens``; None when it did not say."""
+        timings = (self.timings or {}).get("timings") or {}
+        usage = (self.timings or {}).get("usage") or {}
+        details = usage.get("prompt_tokens_details")
+        for found in (timings.get("cache_n"),
+                      details.get("cached_tokens") if isinstance(details, dict) else None,
+                      usage.get("cache_read_input_tokens")):
+            if isinstance(found, int) and _count(found):
+                return found
+        return None
 
     def finish(self, ok: bool | None = None, counted: bool = True) -> None:
         """The exchange is over (body relayed, failed, or the client left). An attempt

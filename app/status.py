@@ -22,11 +22,13 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from .concurrency import running_counts
 from .dispatch import QueueView
 from .errors import InvalidRequest, ModelNotFound
+from .process import process_figures
 from .registry import EndpointState, Status, base_name, name_key
 from .services import Services
-from .stats import ModelStats, percentile
+from .stats import ModelStats, TranslatorStats, percentile
 
 RECENT_MODELS = 10          # Olla's cap on /internal/status/models recent_models
 MIN_SECRET_LENGTH = 6       # shorter header names/values are too common to scrub safely
@@ -781,6 +783,108 @@ def model_stats(svc: Services, args: Mapping[str, str] | None = None,
     })
 
 
+# --------------------------------------------------------------------------- translators
+
+def _translator(name: str, stats: TranslatorStats) -> dict[str, Any]:
+    average = stats.latency_sum_ms / stats.requests if stats.requests else None
+    return {
+        "translator_name": name,
+        "total_requests": stats.requests,
+        "successful_requests": stats.successes,
+        "failed_requests": stats.requests - stats.successes,
+        "success_rate": rate(stats.successes, stats.requests),
+        # Every request is passed through: llama.cpp speaks the Messages API itself.
+        "passthrough_requests": stats.requests,
+        "passthrough_rate": rate(stats.requests, stats.requests),
+        "translation_requests": 0,
+        "streaming_requests": stats.streaming,
+        "non_streaming_requests": stats.requests - stats.streaming,
+        "fallback_no_compatible_endpoints": 0,
+        "fallback_translator_does_not_support_passthrough": 0,
+        "fallback_cannot_passthrough": 0,
+        "average_latency": latency_text(average),
+        "average_latency_ms": ms(average),
+    }
+
+
+def translator_stats(svc: Services, clock: Clock | None = None) -> dict[str, Any]:
+    """``GET /internal/stats/translators``: Olla's fields, in this worker since it
+    started; busiest first."""
+    clock = clock or Clock.now()
+    table = svc.stats.translators
+    ranked = sorted(table.items(), key=lambda item: (-item[1].requests, item[0]))
+    requests = sum(t.requests for _, t in ranked)
+    successes = sum(t.successes for _, t in ranked)
+    streaming = sum(t.streaming for _, t in ranked)
+    return _finish(svc, {
+        "timestamp": iso(clock.wall),
+        "translators": [_translator(name, stats) for name, stats in ranked],
+        "summary": {
+            "overall_success_rate": rate(successes, requests),
+            "overall_passthrough_rate": rate(requests, requests),
+            "total_translators": len(table),
+            "active_translators": sum(t.requests > 0 for t in table.values()),
+            "total_requests": requests,
+            "total_passthrough": requests,
+            "total_translations": 0,
+            "total_streaming": streaming,
+            "total_non_streaming": requests - streaming,
+        },
+    })
+
+
+# -------------------------------------------------------------------------------- sticky
+
+def sticky_stats(svc: Services) -> dict[str, Any]:
+    """``GET /internal/stats/sticky``: Olla's fields (``{"enabled": false}`` when off),
+    each outcome's count, and the KV-cache hit rate llama.cpp reported (prompt tokens it
+    reused over all prompt tokens), per endpoint and model and in all, over this proxy's
+    workers since they started."""
+    sticky = svc.sticky
+    if sticky is None:
+        return {"enabled": False}
+    figures = sticky.store.figures()
+    breakdown = []
+    prompt_all = cached_all = 0.0
+    for (endpoint, model), (prompt, cached) in sorted(svc.metrics.prompt_totals().items()):
+        prompt_all += prompt
+        cached_all += cached
+        breakdown.append({"endpoint": endpoint, "model": model, "prompt_tokens": int(prompt),
+                          "cached_prompt_tokens": int(cached),
+                          "cache_hit_rate": rate(int(cached), int(prompt))})
+    settings = sticky.settings
+    return _finish(svc, {
+        "enabled": True,
+        "active_sessions": figures["active_sessions"],
+        "insertions": figures["insertions"],
+        "hits": figures["hits"],
+        "misses": figures["misses"],
+        "evictions": figures["evictions"],
+        "max_sessions": settings.max_sessions,
+        "idle_ttl_seconds": settings.idle_ttl_seconds,
+        "key_sources": list(settings.key_sources),
+        "spill_after_ms": round(settings.spill_after * 1000),
+        "outcomes": figures["outcomes"],
+        "shared": figures.get("shared", False),
+        "cache_hit_rate": rate(int(cached_all), int(prompt_all)),
+        "prompt_tokens": int(prompt_all),
+        "cached_prompt_tokens": int(cached_all),
+        "cache": breakdown,
+    })
+
+
+# ------------------------------------------------------------------------------ process
+
+def process_status(svc: Services, clock: Clock | None = None) -> dict[str, Any]:
+    """``GET /internal/process``: the answering worker's memory, collector, greenlets and
+    runtime (``app.process``)."""
+    clock = clock or Clock.now()
+    connections, background = running_counts()
+    return _finish(svc, {"timestamp": iso(clock.wall),
+                         **process_figures(svc.stats.started, connections, background,
+                                           now=clock.wall, iso=iso)})
+
+
 # ------------------------------------------------------------------------------ version
 
 CAPABILITIES = ("load_balancing", "health_checking", "model_unification",
@@ -792,6 +896,9 @@ API_ENDPOINTS = {
     "status_endpoints": "/internal/status/endpoints",
     "status_models": "/internal/status/models",
     "stats_models": "/internal/stats/models",
+    "stats_translators": "/internal/stats/translators",
+    "stats_sticky": "/internal/stats/sticky",
+    "process": "/internal/process",
     "models": "/olla/models",
     "version": "/version",
 }

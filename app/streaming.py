@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from .concurrency import gevent_active
 from .config import Timeouts
+from .dialect import Dialect
 from .errors import UpstreamError, UpstreamTimeout
 from .stats import Exchange, find_timings
 from .upstream import Upstream, reason
@@ -40,15 +41,6 @@ END = object()       # the upstream body ended
 TIMEOUT = object()   # nothing arrived before the wake-up time
 
 
-def sse_error_event(message: str, openai: bool, code: str = "upstream_error") -> bytes:
-    """The final SSE event(s) a client gets when the upstream breaks mid-stream."""
-    event = {"error": {"message": message, "type": "server_error", "code": code}}
-    out = b"data: " + json.dumps(event).encode() + b"\n\n"
-    if openai:
-        out += b"data: [DONE]\n\n"
-    return out
-
-
 def split_legacy_error(chunk: bytes) -> tuple[bytes, bytes | None]:
     """(what comes before, the JSON) of a bare ``error: {...}`` SSE field in ``chunk``, as
     older llama.cpp builds sent mid-stream errors; (chunk, None) when there is none."""
@@ -63,9 +55,10 @@ def split_legacy_error(chunk: bytes) -> tuple[bytes, bytes | None]:
     return chunk[:at], line[6:].strip()
 
 
-def data_error_event(raw: bytes, openai: bool) -> bytes:
+def data_error_event(raw: bytes, dialect: Dialect) -> bytes:
     """A ``data: {"error": ...}`` event (and ``[DONE]`` on OpenAI routes) for the JSON an
-    ``error:`` field carried, kept as llama.cpp gave it where it is an error object."""
+    ``error:`` field carried, kept as llama.cpp gave it where it is an error object (on
+    Anthropic routes, Anthropic's error event with its message)."""
     try:
         found = json.loads(raw)
     except ValueError:
@@ -75,8 +68,25 @@ def data_error_event(raw: bytes, openai: bool) -> bytes:
     if not isinstance(found, dict):
         found = {"message": raw.decode("utf-8", "replace")[:500], "type": "server_error",
                  "code": "upstream_error"}
+    if dialect.anthropic:
+        return dialect.stream_error(str(found.get("message", "upstream error")))
     out = b"data: " + json.dumps({"error": found}).encode() + b"\n\n"
-    return out + (b"data: [DONE]\n\n" if openai else b"")
+    return out + dialect.stream_end
+
+
+def merged_timings(first: bytes | None, last: bytes) -> dict[str, Any] | None:
+    """The figures of a stream's last event with figures, completed by its first one's
+    ``usage`` (Anthropic's message_start has the input tokens, its message_delta the output
+    tokens; elsewhere the two are one event)."""
+    found = find_timings(last)
+    if first is None or first is last:
+        return found
+    earlier = find_timings(first)
+    if not earlier or not isinstance(earlier.get("usage"), dict):
+        return found
+    found = dict(found or {})
+    found["usage"] = {**earlier["usage"], **(found.get("usage") or {})}
+    return found
 
 
 class Source:
@@ -198,7 +208,7 @@ def first_item(source: Source, clock: Clock) -> Any:
     return item
 
 
-def relay(source: Source, exchange: Exchange, clock: Clock, first: Any, *, openai: bool,
+def relay(source: Source, exchange: Exchange, clock: Clock, first: Any, *, dialect: Dialect,
           client_gone: Any = lambda: False, lease: Lease | None = None) -> Iterator[bytes]:
     """Yield what ``first_item`` returned, then the upstream's raw chunks as they arrive.
 
@@ -212,6 +222,7 @@ def relay(source: Source, exchange: Exchange, clock: Clock, first: Any, *, opena
     """
     marks = lease if lease is not None else _NoLease()
     endpoint = exchange.state.endpoint.name
+    first_stats: bytes | None = None  # Anthropic's stream has its input tokens first
     last_stats: bytes | None = None
     begun = b""  # the start of an event whose end is still to come
     ok = True
@@ -224,17 +235,17 @@ def relay(source: Source, exchange: Exchange, clock: Clock, first: Any, *, opena
                 ok = False
                 log.info("stream on %s ended: the proxy is shutting down", endpoint)
                 marks.writing_since = time.monotonic()
-                yield sse_error_event("The proxy is shutting down: the stream was ended "
-                                      "before its end; retry it", openai,
-                                      code="server_shutting_down")
+                yield dialect.stream_error("The proxy is shutting down: the stream was "
+                                           "ended before its end; retry it",
+                                           code="server_shutting_down", status=503)
                 break
             if isinstance(item, UpstreamError):
                 ok = client_gone()
                 if not ok:
                     log.warning("upstream %s broke mid-stream: %s", endpoint, item.message)
                     marks.writing_since = time.monotonic()
-                    yield sse_error_event(
-                        f"upstream {endpoint} failed mid-stream: {item.message}", openai)
+                    yield dialect.stream_error(
+                        f"upstream {endpoint} failed mid-stream: {item.message}")
                 break
             if item is TIMEOUT:
                 if time.perf_counter() >= clock.limit():
@@ -242,8 +253,8 @@ def relay(source: Source, exchange: Exchange, clock: Clock, first: Any, *, opena
                     why = clock.what_ran_out()
                     log.warning("upstream %s timed out mid-stream: %s", endpoint, why)
                     marks.writing_since = time.monotonic()
-                    yield sse_error_event(f"upstream {endpoint} timed out: {why}", openai,
-                                          code="upstream_timeout")
+                    yield dialect.stream_error(f"upstream {endpoint} timed out: {why}",
+                                               code="upstream_timeout", status=504)
                     break
                 clock.last_sent = time.perf_counter()
                 item = KEEPALIVE_DUE
@@ -262,11 +273,13 @@ def relay(source: Source, exchange: Exchange, clock: Clock, first: Any, *, opena
                         ok = False
                         log.warning("upstream %s reported an error mid-stream", endpoint)
                         marks.writing_since = time.monotonic()
-                        yield before + data_error_event(legacy, openai)
+                        yield before + data_error_event(legacy, dialect)
                         break
                     if b'data: {"error"' in seen:
                         ok = False  # relayed as it is, counted as what it is
                 if b'"timings"' in seen or b'"usage"' in seen:
+                    if last_stats is None:
+                        first_stats = seen
                     last_stats = seen
                 if item.endswith(b"\n\n"):
                     begun = b""
@@ -284,5 +297,5 @@ def relay(source: Source, exchange: Exchange, clock: Clock, first: Any, *, opena
         marks.writing_since = None
         source.close()
         if last_stats is not None:
-            exchange.timings = find_timings(last_stats)
+            exchange.timings = merged_timings(first_stats, last_stats)
         exchange.finish(ok=ok)

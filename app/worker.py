@@ -26,6 +26,7 @@ from gunicorn import http, util
 from gunicorn.workers import ggevent
 from gunicorn.workers.ggevent import GeventWorker
 
+from . import concurrency
 from .config import ConfigError, load_settings
 
 # gunicorn's own statuses -> the envelope's type and code.
@@ -90,6 +91,7 @@ class Listening(StreamServer):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         Listening.servers.add(self)
+        concurrency.SERVERS.add(self)  # its pool's greenlets, for /internal/process
 
 
 class HeaderDeadline:

@@ -13,9 +13,11 @@ from flask import Blueprint, Response, g, request
 from marshmallow import Schema
 
 from .. import concurrency, disconnect, schemas
-from ..access import may_use
+from ..access import may_use, presented_key
+from ..dialect import ANTHROPIC, LLAMACPP, OPENAI, Dialect
 from ..dispatch import ANYONE
 from ..errors import (
+    BodyTooLarge,
     InvalidRequest,
     MethodNotAllowed,
     ModelNotAllowed,
@@ -27,6 +29,8 @@ from ..forward import Request as ForwardRequest
 from ..guard import FORWARD_KEY
 from ..payload import parse
 from ..services import services
+from ..stats import Exchange, TranslatorStats
+from ..sticky import SESSION_HEADER, SessionKey, session_key
 
 bp = Blueprint("proxy", __name__)
 
@@ -73,6 +77,10 @@ ROUTES: dict[str, Route] = {
 UNIFIED = "proxy"
 UNIFIED_ROUTES = frozenset({"v1/models", "v1/chat/completions", "v1/completions",
                             "v1/embeddings"})
+# Olla's Anthropic routes, /olla/anthropic/: passed through to llama.cpp's own Messages API
+# (translators.anthropic), with Anthropic's error shape.
+ANTHROPIC_PREFIX = "anthropic"
+ANTHROPIC_ROUTES = frozenset({"v1/messages", "v1/messages/count_tokens", "v1/models"})
 
 
 @bp.before_app_request
@@ -109,6 +117,8 @@ def _account(status: int) -> None:
     # Any path can be asked for: only known routes become metric labels, or a scan of
     # random paths would create a series each.
     svc.metrics.answered(endpoint, model, route if route in ROUTES else "(other)", status)
+    if "translator" in g:
+        _count_translated(svc.stats.translators[g.translator], exchange, status)
     if exchange is None:
         svc.request_log.line(g.get("request_id", ""), "", "", route, status,
                              None, (time.perf_counter() - g.started) * 1000, None)
@@ -117,6 +127,21 @@ def _account(status: int) -> None:
     else:
         exchange.request_id = g.get("request_id", "")
         exchange.observers = [*exchange.observers, svc.request_log.stream_done]
+
+
+def _count_translated(stats: TranslatorStats, exchange: Exchange | None, status: int) -> None:
+    """Count a request through a translator's routes once it is over (a stream when it
+    ends)."""
+    streaming = g.get("streaming", False)
+    if exchange is None or exchange.finished:
+        ok = status < 400 and (exchange is None or exchange.ok)
+        stats.record(ok, streaming, (time.perf_counter() - g.started) * 1000)
+        return
+
+    def ended(done: Exchange) -> None:
+        stats.record(done.ok and status < 400, streaming, done.total_ms)
+
+    exchange.observers = [*exchange.observers, ended]
 
 
 def _elapsed_ms() -> str:
@@ -128,6 +153,13 @@ def _route(prefix: str, subpath: str) -> Route:
         if subpath not in UNIFIED_ROUTES:
             raise RouteNotFound(f"Not found: /olla/proxy/{subpath} (the unified route "
                                 f"serves {', '.join(sorted(UNIFIED_ROUTES))})")
+    elif prefix == ANTHROPIC_PREFIX:
+        if not services().settings.anthropic.enabled:
+            raise RouteNotFound("Not found: the Anthropic routes are off "
+                                "(translators.anthropic.enabled)")
+        if subpath not in ANTHROPIC_ROUTES:
+            raise RouteNotFound(f"Not found: /olla/anthropic/{subpath} (the Anthropic routes "
+                                f"are {', '.join(sorted(ANTHROPIC_ROUTES))})")
     elif prefix not in services().settings.prefixes:
         raise RouteNotFound(f"Unknown or disabled prefix: /olla/{prefix}")
     route = ROUTES.get(subpath)
@@ -146,22 +178,36 @@ def _route(prefix: str, subpath: str) -> Route:
 def proxy(prefix: str, subpath: str) -> Response:
     """Forward one llama.cpp route."""
     route = _route(prefix, subpath)
+    anthropic = prefix == ANTHROPIC_PREFIX
     if route.schema is None:
-        return _list_models()
+        return _anthropic_models() if anthropic else _list_models()
+    if anthropic:
+        g.translator = "anthropic"
     body = _body()
+    if anthropic:
+        _check_message_size(body)
     payload = parse(body, services().settings.server.request_limits, concurrency.pause)
     errors = schemas.check(route.schema, payload)
     if errors:
         raise InvalidRequest(schemas.validation_message(errors))
     model = payload.get("model")
     model = model if isinstance(model, str) else None
+    g.streaming = payload.get("stream") is True
     key = g.get("api_key")
     if not may_use(key, model):
         raise ModelNotAllowed(
             f"API key {key.name} may not use model {model}" if model else
             f"API key {key.name} may use only some models: name one in the request's "
             "\"model\" field")
-    return _forward(subpath, route, body, payload, model)
+    dialect = ANTHROPIC if anthropic else OPENAI if route.openai else LLAMACPP
+    return _forward(subpath, route, dialect, body, payload, model)
+
+
+def _check_message_size(body: bytes) -> None:
+    limit = services().settings.anthropic.max_message_size
+    if len(body) > limit:
+        raise BodyTooLarge(f"Request body too large: at most {limit} bytes are accepted on "
+                           "the Anthropic routes (translators.anthropic.max_message_size)")
 
 
 def _body() -> bytes:
@@ -185,30 +231,52 @@ def _body() -> bytes:
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
-def _list_models() -> Response:
+def _visible_models() -> list[dict[str, Any]]:
+    """The fleet's models (OpenAI list entries) that the request's API key may use."""
     svc = services()
     svc.registry.refresh(max_age=MODELS_MAX_AGE)
     key = g.get("api_key")
-    models = [m for m in svc.registry.models()
-              if any(may_use(key, name) for name in (m.get("id"), *(m.get("aliases") or ())))]
-    body = json.dumps({"object": "list", "data": models})
+    return [m for m in svc.registry.models()
+            if any(may_use(key, name) for name in (m.get("id"), *(m.get("aliases") or ())))]
+
+
+def _list_models() -> Response:
+    body = json.dumps({"object": "list", "data": _visible_models()})
     return Response(body, mimetype="application/json")
 
 
-def _forward(subpath: str, route: Route, body: bytes, payload: dict[str, Any],
-             model: str | None) -> Response:
+def _anthropic_models() -> Response:
+    """Anthropic's model list (Olla's shape): ``created_at`` is when the model was seen
+    first, as llama.cpp gives ``created``."""
+    data = [{"type": "model", "id": m["id"], "display_name": m["id"],
+             "created_at": _rfc3339(m.get("created"))} for m in _visible_models()]
+    body = json.dumps({"data": data, "has_more": False,
+                       "first_id": data[0]["id"] if data else None,
+                       "last_id": data[-1]["id"] if data else None})
+    return Response(body, mimetype="application/json")
+
+
+def _rfc3339(created: Any) -> str:
+    stamp = created if isinstance(created, (int, float)) and created > 0 else \
+        services().stats.started
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
+
+
+def _forward(subpath: str, route: Route, dialect: Dialect, body: bytes,
+             payload: dict[str, Any], model: str | None) -> Response:
     """Hand the request to a Forward, which owns it from slot to last byte; the response
     gives everything back when it closes (also when its body is never iterated)."""
     svc = services()
     environ = request.environ
     forward = Forward(svc, ForwardRequest(
-        route=subpath, openai=route.openai,
+        route=subpath, dialect=dialect,
         path="/" + subpath + (("?" + request.query_string.decode("latin-1"))
                               if request.query_string else ""),
         body=body, payload=payload, model=model, headers=_inbound_headers(),
         request_id=g.request_id, started=g.started,
         watch=disconnect.watch(environ) if route.watched else None,
-        client_socket=environ.get("gunicorn.socket"), share=g.get("share", ANYONE)))
+        client_socket=environ.get("gunicorn.socket"), share=g.get("share", ANYONE),
+        session=_session(model, payload), session_id=request.headers.get(SESSION_HEADER, "")))
     g.forward = forward
     environ[FORWARD_KEY] = forward  # for the WSGI guard, should anything escape Flask
     answer = forward.run()
@@ -220,6 +288,16 @@ def _forward(subpath: str, route: Route, body: bytes, payload: dict[str, Any],
         forward.close(ok=False)
         raise
     return response
+
+
+def _session(model: str | None, payload: dict[str, Any]) -> SessionKey | None:
+    """The request's sticky session key, when sticky sessions are on."""
+    svc = services()
+    if svc.sticky is None:
+        return None
+    address = svc.access.address.resolve(request.remote_addr or "", request.headers)
+    return session_key(svc.sticky.settings, model, request.headers.get(SESSION_HEADER, ""),
+                       payload, address, presented_key(request.headers))
 
 
 def _inbound_headers() -> dict[str, str]:

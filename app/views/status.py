@@ -16,7 +16,8 @@ from ..services import services
 
 bp = Blueprint("status", __name__)
 PATHS = ("/internal/health", "/internal/status", "/internal/status/endpoints",
-         "/internal/status/models", "/internal/stats/models", "/olla/models", "/version",
+         "/internal/status/models", "/internal/stats/models", "/internal/stats/translators",
+         "/internal/stats/sticky", "/internal/process", "/olla/models", "/version",
          "/internal/metrics")
 
 
@@ -57,6 +58,24 @@ def models() -> Response:
 def model_stats() -> Response:
     """Per-model request counts, latency percentiles and tokens per second."""
     return _json(status.model_stats(services(), request.args))
+
+
+@bp.get("/internal/stats/translators")
+def translator_stats() -> Response:
+    """Requests through the Anthropic routes (always passed through to llama.cpp)."""
+    return _json(status.translator_stats(services()))
+
+
+@bp.get("/internal/stats/sticky")
+def sticky_stats() -> Response:
+    """Sticky sessions: Olla's counters, outcomes and the measured KV-cache hit rate."""
+    return _json(status.sticky_stats(services()))
+
+
+@bp.get("/internal/process")
+def process() -> Response:
+    """The answering worker's memory, garbage collector, greenlets and uptime."""
+    return _json(status.process_status(services()))
 
 
 @bp.get("/olla/models")
