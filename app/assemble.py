@@ -16,6 +16,11 @@ What the pinned llama-server streams, measured against its own non-streamed answ
 - ``v1/chat/completions``: a role delta, content/reasoning/tool-call deltas, a chunk with
   ``finish_reason``, then ``usage`` and ``timings`` in a chunk with no choices (only when
   ``stream_options.include_usage`` is set), then ``[DONE]``.
+- ``v1/messages`` (Anthropic): ``message_start`` carries the message with empty content
+  and its input usage; each content block comes as ``content_block_start``, deltas
+  (``text_delta``, ``input_json_delta``, ``thinking_delta``, ``signature_delta``) and
+  ``content_block_stop``; ``message_delta`` has the stop reason and output tokens; then
+  ``message_stop``.
 - a failure after the headers: ``data: {"error": {...}}`` (older builds: a bare
   ``error: {...}`` field) and the stream ends; non-streamed, llama.cpp answers
   ``{"error": {...}}`` with the error's ``code`` as the HTTP status.
@@ -33,7 +38,7 @@ import re
 from typing import Any
 
 ROUTES: frozenset[str] = frozenset(
-    {"completion", "infill", "v1/completions", "v1/chat/completions"})
+    {"completion", "infill", "v1/completions", "v1/chat/completions", "v1/messages"})
 NATIVE_ROUTES: frozenset[str] = frozenset({"completion", "infill"})
 OPENAI_ROUTES: frozenset[str] = frozenset({"v1/completions", "v1/chat/completions"})
 CONTENT_TYPE = "application/json; charset=utf-8"  # what llama-server labels its answers
@@ -77,7 +82,7 @@ def refusal(route: str, payload: dict[str, Any]) -> str | None:
         return "several choices (n)"
     if route != "v1/chat/completions" and _several_prompts(payload.get("prompt")):
         return "several prompts"
-    if _has_stop_words(payload.get("stop")):
+    if _has_stop_words(payload.get("stop")) or _has_stop_words(payload.get("stop_sequences")):
         # Text that could begin a stop word is held back; when the generation then ends at
         # its token limit, the stream never sends that text but the answer has it. And
         # non-streamed, the stop word's tokens are cut from the probabilities.
@@ -151,6 +156,8 @@ class Assembler:
         self._role: str | None = None
         self._generated = 0                 # tokens generated as of the last partial event
         self._uncounted = False             # a partial event did not say how many
+        self._blocks: dict[int, dict[str, Any]] = {}  # Anthropic content blocks by index
+        self._json_parts: dict[int, list[str]] = {}   # a tool_use block's input, in pieces
         self._final: dict[str, Any] | None = None   # native stop event / OpenAI finish chunk
         self._usage: dict[str, Any] | None = None   # OpenAI chunk with usage (may be _final)
 
@@ -202,6 +209,8 @@ class Assembler:
             raise IncompleteStream("the upstream stream ended before its final event")
         if self._final is None:
             raise IncompleteStream("the upstream stream ended without a finishing chunk")
+        if self.route == "v1/messages":
+            return 200, dumps(self._message_answer(self._final))
         if self.route in NATIVE_ROUTES:
             return 200, dumps(self._native_answer(self._final))
         if self.route == "v1/completions":
@@ -254,12 +263,61 @@ class Assembler:
             return
         if "error" in event:
             self._fail(event["error"])
+        elif self.route == "v1/messages":
+            self._message_event(event)
         elif self.route in NATIVE_ROUTES:
             self._native_event(event)
         elif self.route == "v1/completions":
             self._completion_event(event)
         else:
             self._chat_event(event)
+
+    # --- Anthropic Messages ---
+
+    def _message_event(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind == "message_start" and isinstance(event.get("message"), dict):
+            self._final = dict(event["message"])
+        elif kind == "content_block_start" and isinstance(event.get("content_block"), dict):
+            index = event.get("index", len(self._blocks))
+            self._blocks[index] = dict(event["content_block"])
+        elif kind == "content_block_delta" and isinstance(event.get("delta"), dict):
+            self._message_delta(event.get("index", 0), event["delta"])
+        elif kind == "content_block_stop":
+            index = event.get("index", 0)
+            parts = self._json_parts.pop(index, None)
+            if parts is not None and index in self._blocks:
+                text = "".join(parts)
+                try:
+                    self._blocks[index]["input"] = json.loads(text) if text else {}
+                except ValueError:
+                    self._broken = f"a tool_use block's input is not JSON: {text[:200]!r}"
+        elif kind == "message_delta" and self._final is not None:
+            delta = event.get("delta")
+            if isinstance(delta, dict):
+                self._final.update(delta)
+            usage = event.get("usage")
+            if isinstance(usage, dict):
+                self._final["usage"] = {**(self._final.get("usage") or {}), **usage}
+        elif kind == "message_stop":
+            self._done = True
+
+    def _message_delta(self, index: int, delta: dict[str, Any]) -> None:
+        block = self._blocks.setdefault(index, {"type": "text", "text": ""})
+        kind = delta.get("type")
+        if kind == "text_delta":
+            block["text"] = block.get("text", "") + str(delta.get("text", ""))
+        elif kind == "input_json_delta":
+            self._json_parts.setdefault(index, []).append(str(delta.get("partial_json", "")))
+        elif kind == "thinking_delta":
+            block["thinking"] = block.get("thinking", "") + str(delta.get("thinking", ""))
+        elif kind == "signature_delta":
+            block["signature"] = block.get("signature", "") + str(delta.get("signature", ""))
+
+    def _message_answer(self, final: dict[str, Any]) -> dict[str, Any]:
+        answer = dict(final)
+        answer["content"] = [self._blocks[i] for i in sorted(self._blocks)]
+        return answer
 
     def _fail(self, error: Any) -> None:
         if not isinstance(error, dict):

@@ -111,6 +111,20 @@ def test_a_client_that_leaves_a_stream_frees_the_slot(proxy: Proxy,
     assert llama_chat.busy_slots() == 0
 
 
+def test_a_client_that_leaves_a_non_streamed_message_frees_the_slot(
+        proxy: Proxy, llama_chat: LlamaServer) -> None:
+    """Sent upstream as a stream and assembled (llama.cpp would otherwise generate all 400
+    tokens for nobody): the slot is free soon after the client gives up."""
+    with pytest.raises(requests.Timeout):
+        requests.post(proxy.url + "/olla/anthropic/v1/messages", timeout=(5, 1.5),
+                      json={"model": CHAT_ALIAS, "max_tokens": 400,
+                            "messages": [{"role": "user", "content": "Tell a long story"}]})
+    deadline = time.monotonic() + 5
+    while llama_chat.busy_slots() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert llama_chat.busy_slots() == 0
+
+
 def test_the_figures(sdk: anthropic.Anthropic, proxy: Proxy) -> None:
     before = requests.get(proxy.url + "/internal/stats/translators", timeout=10).json()
     sdk.messages.create(model=CHAT_ALIAS, max_tokens=4,

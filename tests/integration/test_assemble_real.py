@@ -44,6 +44,8 @@ VOLATILE = frozenset({
     "id",                                        # random per request
     "usage.prompt_tokens_details.cached_tokens",  # the prompt cache the first call filled
     "choices.*.message.tool_calls.*.id",         # random per call
+    "usage.cache_read_input_tokens",             # Anthropic's: as cached_tokens above
+    "usage.input_tokens",                        # Anthropic's: the prompt less the cached
 })
 
 
@@ -200,6 +202,26 @@ def test_openai_chat(llama: LlamaServer, body: dict[str, Any]) -> None:
     assert answer["choices"][0]["finish_reason"] in ("stop", "length", "tool_calls")
     assert set(answer["usage"]) >= {"completion_tokens", "prompt_tokens", "total_tokens"}
     assert "timings" in answer
+
+
+@pytest.mark.parametrize("body", [
+    {"messages": HELLO, "max_tokens": 8},
+    {"system": "Answer in French.", "messages": HELLO, "max_tokens": 10},
+    {"messages": [{"role": "user", "content": "Is fire hot?"}], "max_tokens": 12,
+     "grammar": YES_IT_IS},
+    {"messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+     "max_tokens": 16, "tools": [{"name": "get_weather", "description": "The weather",
+                                  "input_schema": WEATHER_TOOL["function"]["parameters"]}]},
+], ids=["max_tokens", "system", "end_turn", "tools"])
+def test_anthropic_messages(llama: LlamaServer, body: dict[str, Any]) -> None:
+    answer = check(llama, "v1/messages", {"model": ALIAS, **body})
+    assert answer["type"] == "message" and answer["role"] == "assistant"
+    assert answer["stop_reason"] in ("end_turn", "max_tokens", "tool_use")
+    assert answer["content"] and answer["usage"]["output_tokens"] > 0
+
+
+def test_anthropic_stop_sequences_are_refused() -> None:
+    assert refusal("v1/messages", {"stop_sequences": ["END"]}) == "stop words"
 
 
 @pytest.mark.parametrize("route", ["completion", "v1/completions", "v1/chat/completions"])
