@@ -45,10 +45,6 @@ SLOTS_EXHAUSTED = "All slots are busy. Please try again later."
 Wait = Callable[[threading.Event, float], bool]
 
 
-class WaitedTooLong(SlotsExhausted):
-    """No slot freed within the wait's limit (the queue's timeout, or a shorter one)."""
-
-
 @dataclass(frozen=True, slots=True)
 class Share:
     """Whose request it is, for fair shares: an API key's name, its weight, and the slots
@@ -191,19 +187,16 @@ class Dispatcher:
     # ------------------------------------------------------------------ taking, giving
 
     def has_room(self, state: EndpointState) -> bool:
-        """Whether a request for this endpoint would get a slot there now."""
+        """Whether a request for this endpoint would find a free slot there now."""
         return _usable(state) and self.in_use(state) < self.capacity(state)
 
     def acquire(self, key: str, eligible: Sequence[EndpointState], request_id: str = "",
-                wait: Wait | None = None, share: Share = ANYONE,
-                timeout: float | None = None) -> Lease:
+                wait: Wait | None = None, share: Share = ANYONE) -> Lease:
         """A lease on one of ``eligible`` (in preference order), waiting in the queue if
         none is free (or ``share`` holds all it may). Raises SlotsExhausted when the queue
-        is full, WaitedTooLong when the wait times out (``timeout``, by default
-        ``proxy.queue.timeout``). ``wait(event, timeout)`` blocks until the event is set
-        (the default) and may raise, e.g. when the client goes away; the waiter then
+        is full or the wait times out. ``wait(event, timeout)`` blocks until the event is
+        set (the default) and may raise, e.g. when the client goes away; the waiter then
         leaves the queue at once."""
-        limit = self.settings.timeout if timeout is None else timeout
         with self._lock:
             queue = self.queues.setdefault(key, deque())
             if not queue and self.room(share):
@@ -226,7 +219,7 @@ class Dispatcher:
         if free_now:
             self.pump()
         try:
-            (wait or _wait)(waiter.event, limit)
+            (wait or _wait)(waiter.event, self.settings.timeout)
         except BaseException:
             # The client went away while waiting: leave the queue, or give back the slot
             # that was handed over just as it left.
@@ -238,7 +231,7 @@ class Dispatcher:
         if chosen is None:
             if self.closing:
                 raise self._shutting_down()
-            raise self._waited_too_long(limit)
+            raise self._exhausted(f"no slot freed within {self.settings.timeout:g} s")
         return chosen
 
     def close_queue(self) -> None:
@@ -328,11 +321,6 @@ class Dispatcher:
     def _drop_if_empty(self, key: str) -> None:
         if not self.queues.get(key):
             self.queues.pop(key, None)
-
-    def _waited_too_long(self, limit: float) -> WaitedTooLong:
-        log.info("slots exhausted: no slot freed within %g s", limit)
-        return WaitedTooLong(SLOTS_EXHAUSTED,
-                             headers={"Retry-After": str(self.settings.retry_after)})
 
     def _exhausted(self, why: str) -> SlotsExhausted:
         log.info("slots exhausted: %s", why)

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from urllib.parse import quote
 from . import assemble
 from .config import Timeouts
 from .dialect import Dialect
-from .dispatch import ANYONE, Share, WaitedTooLong
+from .dispatch import ANYONE, Share
 from .errors import ClientDisconnected, NoEndpointAvailable, UpstreamError, UpstreamTimeout
 from .health import mark_failed
 from .leases import Lease
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from .services import Services
 
 BACKEND_TYPE = "llamacpp"
+ROOM_POLL = 0.02  # seconds between looks at a pinned endpoint's slots while a turn waits
 STREAM_HEADERS = {"X-Accel-Buffering": "no", "Cache-Control": "no-cache"}
 # An assembled answer carries the headers llama.cpp's own non-streamed one does: JSON, and
 # none of the stream's.
@@ -234,9 +236,10 @@ class Forward:
     def _acquire(self, eligible: list[EndpointState]) -> Lease:
         """A lease on one of ``eligible`` (the balancer's order). A sticky session's pinned
         endpoint goes first, on the first attempt; when it has no free slot while another
-        has one, the request waits ``spill_after`` for it before going to the other."""
+        has one, the request first waits up to ``spill_after`` for the pinned one to have
+        room (outside the queue, so that nobody waits behind it), then takes whichever
+        is free ("spill")."""
         svc, req = self.svc, self.request
-        key = name_key(req.model) if req.model else ""
         wait = req.watch.wait if req.watch else None
         pin, self._pin_was_candidate = self._pin, False
         pinned = next((s for s in eligible if pin is not None
@@ -244,17 +247,21 @@ class Forward:
         if pinned is not None and svc.sticky is not None:
             self._pin_was_candidate = True
             eligible = [pinned, *(s for s in eligible if s is not pinned)]
-            spill_after = svc.sticky.settings.spill_after
             dispatcher = svc.dispatcher
-            if spill_after > 0 and not dispatcher.has_room(pinned) and any(
-                    dispatcher.has_room(s) for s in eligible[1:]):
-                try:
-                    return dispatcher.acquire(key, [pinned], req.request_id, wait=wait,
-                                              share=req.share, timeout=spill_after)
-                except WaitedTooLong:
-                    pass  # spill: whichever candidate has a slot
-        return svc.dispatcher.acquire(key, eligible, req.request_id, wait=wait,
-                                      share=req.share)
+            if not dispatcher.has_room(pinned) and any(dispatcher.has_room(s)
+                                                       for s in eligible[1:]):
+                self._wait_for_room(pinned, svc.sticky.settings.spill_after, wait)
+        return svc.dispatcher.acquire(name_key(req.model) if req.model else "", eligible,
+                                      req.request_id, wait=wait, share=req.share)
+
+    def _wait_for_room(self, state: EndpointState, seconds: float, wait: Any) -> None:
+        """Until ``state`` has a free slot, at most ``seconds``; raises ClientDisconnected
+        when the client leaves meanwhile."""
+        dispatcher = self.svc.dispatcher
+        deadline = time.monotonic() + seconds
+        nap = threading.Event()  # never set: each wait is a nap the watch can cut short
+        while (left := deadline - time.monotonic()) > 0 and not dispatcher.has_room(state):
+            (wait or _nap)(nap, min(left, ROOM_POLL))
 
     def _pass_over(self, why: str, mark: Status | None, ok: bool = False) -> None:
         """An attempt the request moves on from: not counted as the client's request, the
@@ -391,6 +398,10 @@ class Forward:
                     self.exchange.finish(ok=ok)
                 elif self.lease is not None:
                     self.svc.dispatcher.release(self.lease)
+
+
+def _nap(event: threading.Event, seconds: float) -> bool:
+    return event.wait(seconds)
 
 
 def shut_down(sock: Any) -> None:

@@ -486,12 +486,10 @@ class SharedDispatcher(Dispatcher):
         return capacity < 0 or (capacity > 0 and self.in_use(state) < capacity)
 
     def acquire(self, key: str, eligible: Sequence[EndpointState], request_id: str = "",
-                wait: Wait | None = None, share: Share = ANYONE,
-                timeout: float | None = None) -> Lease:
+                wait: Wait | None = None, share: Share = ANYONE) -> Lease:
         """As ``Dispatcher.acquire``, fleet-wide while Redis answers."""
-        limit = self.settings.timeout if timeout is None else timeout
         if not self.reachable or self.closing:
-            return super().acquire(key, eligible, request_id, wait, share, timeout)
+            return super().acquire(key, eligible, request_id, wait, share)
         # A slot now only where this worker sees the endpoint usable; once queued, any of
         # them, as the shared capacity (published by every worker's probes) allows.
         usable = "\n".join(s.endpoint.name for s in eligible if _usable(s))
@@ -504,27 +502,25 @@ class SharedDispatcher(Dispatcher):
             try:
                 verdict, endpoint, reclaimed = self.table.run(
                     "acquire", key, self.settings.max_size, self.table.worker, request_id,
-                    lease_id, int(limit * 1000), usable, names,
+                    lease_id, int(self.settings.timeout * 1000), usable, names,
                     share.name, share.weight, share.max_concurrent, *self._take_released())
             except RedisDown as exc:
                 self._down(exc)
-                return super().acquire(key, eligible, request_id, wait, share, timeout)
+                return super().acquire(key, eligible, request_id, wait, share)
             self._log_reclaimed(reclaimed)
             if verdict == "granted":
                 return self._adopt_shared(lease_id, request_id, endpoint, share)
             if verdict == "full":
                 raise self._exhausted(f"the queue for {key or 'this route'} is full "
                                       f"({self.settings.max_size} waiting, fleet-wide)")
-            return self._await(key, eligible, lease_id, request_id, grant, wait, share,
-                               limit)
+            return self._await(key, eligible, lease_id, request_id, grant, wait, share)
         finally:
             self._grants.pop(lease_id, None)
 
     def _await(self, key: str, eligible: Sequence[EndpointState], lease_id: str,
-               request_id: str, grant: list[Any], wait: Wait | None, share: Share,
-               limit: float) -> Lease:
+               request_id: str, grant: list[Any], wait: Wait | None, share: Share) -> Lease:
         """Wait in the shared queue: woken by pub/sub, or finding the grant by polling."""
-        deadline = time.monotonic() + limit
+        deadline = time.monotonic() + self.settings.timeout
         endpoint: str | None = None
         try:
             while endpoint is None:
@@ -539,7 +535,7 @@ class SharedDispatcher(Dispatcher):
                     endpoint = _text(found) if found else None
         except RedisDown as exc:
             self._down(exc)
-            return super().acquire(key, eligible, request_id, wait, share, limit)
+            return super().acquire(key, eligible, request_id, wait, share)
         except BaseException:
             # The client went away while waiting: leave the queue, or give back the slot
             # granted just as it left.
@@ -550,7 +546,7 @@ class SharedDispatcher(Dispatcher):
             if endpoint is None:
                 if self.closing:
                     raise self._shutting_down()
-                raise self._waited_too_long(limit)
+                raise self._exhausted(f"no slot freed within {self.settings.timeout:g} s")
         else:
             self._forget_waiter(lease_id)
         return self._adopt_shared(lease_id, request_id, endpoint, share)

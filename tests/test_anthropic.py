@@ -42,13 +42,46 @@ def post(client: FlaskClient, path: str, body: Any, **headers: str) -> Any:
     return client.post("/olla/anthropic/" + path, data=raw, headers=headers)
 
 
-def test_a_message_is_passed_through_byte_for_byte(app: Flask,
-                                                   fake: responses.RequestsMock) -> None:
-    upstream = fake.post(CHAT_URL + "/v1/messages", json=ANSWER)
-    raw = json.dumps({**MESSAGE, "metadata": {"user_id": "u1"}, "top_k": 5}).encode()
+STREAM = b"".join(
+    b"event: " + kind.encode() + b"\ndata: " + json.dumps(data).encode() + b"\n\n"
+    for kind, data in [
+        ("message_start", {"type": "message_start", "message": {
+            **ANSWER, "content": [], "stop_reason": None,
+            "usage": {"cache_read_input_tokens": 20, "input_tokens": 5,
+                      "output_tokens": 0}}}),
+        ("content_block_start", {"type": "content_block_start", "index": 0,
+                                 "content_block": {"type": "text", "text": ""}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                 "delta": {"type": "text_delta", "text": "Hel"}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                 "delta": {"type": "text_delta", "text": "lo"}}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                           "usage": {"output_tokens": 2}}),
+        ("message_stop", {"type": "message_stop"})])
+
+
+def test_a_stream_is_passed_through_byte_for_byte(app: Flask,
+                                                  fake: responses.RequestsMock) -> None:
+    upstream = fake.post(CHAT_URL + "/v1/messages", body=STREAM,
+                         content_type="text/event-stream")
+    raw = json.dumps({**MESSAGE, "stream": True, "metadata": {"user_id": "u1"},
+                      "top_k": 5}).encode()
+    answer = post(app.test_client(), "v1/messages", raw)
+    assert answer.status_code == 200 and answer.data == STREAM
+    assert upstream.calls[0].request.body == raw   # unknown fields untouched
+    assert answer.headers["X-Olla-Mode"] == "passthrough"
+
+
+def test_a_message_is_assembled_from_llamacpps_stream(app: Flask,
+                                                      fake: responses.RequestsMock) -> None:
+    upstream = fake.post(CHAT_URL + "/v1/messages", body=STREAM,
+                         content_type="text/event-stream")
+    raw = json.dumps({**MESSAGE, "top_k": 5}).encode()
     answer = post(app.test_client(), "v1/messages", raw)
     assert answer.status_code == 200 and answer.get_json() == ANSWER
-    assert upstream.calls[0].request.body == raw   # unknown fields untouched
+    sent = json.loads(upstream.calls[0].request.body)
+    assert sent == {**MESSAGE, "top_k": 5, "stream": True}
     assert answer.headers["X-Olla-Mode"] == "passthrough"
     assert answer.headers["X-Olla-Endpoint"] == "chat"
 

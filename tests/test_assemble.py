@@ -417,7 +417,8 @@ def test_refuses(route: str, payload: dict[str, object], reason: str) -> None:
 
 
 def test_routes() -> None:
-    assert frozenset({"completion", "infill", "v1/completions", "v1/chat/completions"}) == ROUTES
+    assert frozenset({"completion", "infill", "v1/completions", "v1/chat/completions",
+                      "v1/messages"}) == ROUTES
 
 
 # --- upstream_payload ---
@@ -705,3 +706,72 @@ def test_completions_usage_in_a_separate_chunk() -> None:
            + EVENT_END + b"data: [DONE]\n\n")
     answer = json.loads(assemble("v1/completions", [sse]).result()[1])
     assert answer == json.loads(COMPLETIONS_ANSWER)
+
+
+# --- Anthropic Messages ---
+
+def message_events(*events: dict[str, object]) -> bytes:
+    return b"".join(b"event: " + str(e["type"]).encode() + b"\ndata: " + dumps(e) + b"\n\n"
+                    for e in events)
+
+
+MESSAGE_SSE = message_events(
+    {"type": "message_start", "message": {
+        "id": "chatcmpl-1", "type": "message", "role": "assistant", "content": [],
+        "model": "gemma", "stop_reason": None, "stop_sequence": None,
+        "usage": {"cache_read_input_tokens": 3, "input_tokens": 20, "output_tokens": 0}}},
+    {"type": "content_block_start", "index": 0,
+     "content_block": {"type": "thinking", "thinking": ""}},
+    {"type": "content_block_delta", "index": 0,
+     "delta": {"type": "thinking_delta", "thinking": "The user wants "}},
+    {"type": "content_block_delta", "index": 0,
+     "delta": {"type": "thinking_delta", "thinking": "the weather."}},
+    {"type": "content_block_delta", "index": 0,
+     "delta": {"type": "signature_delta", "signature": "sig"}},
+    {"type": "content_block_stop", "index": 0},
+    {"type": "content_block_start", "index": 1,
+     "content_block": {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                       "input": {}}},
+    {"type": "content_block_delta", "index": 1,
+     "delta": {"type": "input_json_delta", "partial_json": '{"city": "Pa'}},
+    {"type": "content_block_delta", "index": 1,
+     "delta": {"type": "input_json_delta", "partial_json": 'ris \u00e9"}'}},
+    {"type": "content_block_stop", "index": 1},
+    {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+     "usage": {"output_tokens": 17}},
+    {"type": "message_stop"},
+)
+MESSAGE_ANSWER = {
+    "id": "chatcmpl-1", "type": "message", "role": "assistant",
+    "content": [{"type": "thinking", "thinking": "The user wants the weather.",
+                 "signature": "sig"},
+                {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                 "input": {"city": "Paris \u00e9"}}],
+    "model": "gemma", "stop_reason": "tool_use", "stop_sequence": None,
+    "usage": {"cache_read_input_tokens": 3, "input_tokens": 20, "output_tokens": 17}}
+
+
+def test_a_message_from_its_events_split_anywhere() -> None:
+    for size in (1, 7, 64, len(MESSAGE_SSE)):
+        assembler = Assembler("v1/messages", {})
+        for i in range(0, len(MESSAGE_SSE), size):
+            assembler.feed(MESSAGE_SSE[i:i + size])
+        assert assembler.done
+        status, body = assembler.result()
+        assert status == 200 and json.loads(body) == MESSAGE_ANSWER
+
+
+def test_a_message_stream_without_message_stop_is_incomplete() -> None:
+    assembler = Assembler("v1/messages", {})
+    assembler.feed(MESSAGE_SSE[:MESSAGE_SSE.index(b"event: message_delta")])
+    with pytest.raises(IncompleteStream):
+        assembler.result()
+
+
+def test_a_tool_input_that_is_not_json_breaks_the_stream() -> None:
+    broken = MESSAGE_SSE.replace(dumps('ris \u00e9"}'), dumps("ris"))
+    assert broken != MESSAGE_SSE
+    assembler = Assembler("v1/messages", {})
+    assembler.feed(broken)
+    with pytest.raises(IncompleteStream, match="not JSON"):
+        assembler.result()

@@ -27,6 +27,7 @@ VALID = {
     "tokenize": {"content": "hi"},
     "detokenize": {"tokens": [1, 2]},
     "infill": {"input_prefix": "def f():"},
+    "v1/messages": {"max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]},
 }
 
 # A refused connection, as requests reports one (what it wraps says so).

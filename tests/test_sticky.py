@@ -4,6 +4,7 @@ them (against fake upstreams; the real KV-cache figures are in the integration t
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from app.config import ConfigError, StateSettings, StickySettings, settings_from_mapping
+from app.leases import Lease
 from app.registry import Status
 from app.services import services_of
 from app.shared import SharedTable
@@ -220,12 +222,11 @@ def chat(client: FlaskClient, n: int, **headers: str) -> Any:
                        data=json.dumps({"model": MODEL, "messages": turns(n)}))
 
 
-def hold(app: Flask, endpoint: str, count: int) -> None:
+def hold(app: Flask, endpoint: str, count: int) -> list[Lease]:
     """Take ``count`` slots on an endpoint, as other requests would."""
     svc = services_of(app)
     state = svc.registry.states[endpoint]
-    for _ in range(count):
-        svc.dispatcher.acquire(MODEL, [state])
+    return [svc.dispatcher.acquire(MODEL, [state]) for _ in range(count)]
 
 
 def test_the_next_turn_goes_where_the_last_one_went(replicas: Flask) -> None:
@@ -258,6 +259,26 @@ def test_a_busy_pinned_endpoint_spills_to_a_free_one_after_spill_after(
     moved = chat(client, 3)  # the session followed the freshest cache
     assert moved.headers["X-Olla-Sticky-Session"] == "hit"
     assert moved.headers["X-Olla-Endpoint"] == answer.headers["X-Olla-Endpoint"]
+
+
+def test_a_turn_waiting_for_its_busy_endpoint_takes_the_slot_freed_there(
+        fake: responses.RequestsMock, make_app: Callable[..., Flask]) -> None:
+    for url in (A_URL, B_URL):
+        add_llamacpp(fake, url, MODEL)
+        fake.post(url + "/v1/chat/completions", json={"choices": []})
+    app = make_app({
+        "endpoints": [{"url": A_URL, "name": "a"}, {"url": B_URL, "name": "b"}],
+        "proxy": {"assemble_non_streamed": False,
+                  "sticky_sessions": {"enabled": True, "spill_after": "30s"}}})
+    client = app.test_client()
+    pinned = chat(client, 1).headers["X-Olla-Endpoint"]
+    held = hold(app, pinned, 2)
+    svc = services_of(app)
+    threading.Timer(0.2, svc.dispatcher.release, [held[0]]).start()
+    answer = chat(client, 2)  # would spill after 30 s; the slot frees long before
+    assert answer.headers["X-Olla-Sticky-Session"] == "hit"
+    assert answer.headers["X-Olla-Endpoint"] == pinned
+    svc.dispatcher.release(held[1])
 
 
 def test_an_endpoint_that_stops_being_routable_is_repinned_and_purged(
