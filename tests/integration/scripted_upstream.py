@@ -12,6 +12,7 @@ field says (the proxy forwards unknown fields untouched):
   the end of the body once the test calls ``release()``;
 - ``legacy_error``: one event, then an older llama.cpp's bare ``error: {...}`` field;
 - ``reset_after_body``: reads the whole request, then resets the connection;
+- ``break_mid_stream``: one chunked event, then resets the connection;
 - anything else: a small JSON completion.
 """
 
@@ -161,6 +162,13 @@ class ScriptedUpstream:
                 sock.sendall(b"%x\r\n%s\r\n" % (len(data), data))
             sock.sendall(b"0\r\n\r\n")
             return True
+        if script == "break_mid_stream":
+            sock.sendall((sse + "Transfer-Encoding: chunked\r\n\r\n").encode())
+            data = event("one")
+            sock.sendall(b"%x\r\n%s\r\n" % (len(data), data))
+            time.sleep(0.1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return False
         if script == "reset_after_body":
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             return False

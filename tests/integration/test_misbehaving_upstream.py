@@ -152,6 +152,26 @@ def test_an_older_llamacpps_bare_error_field_is_a_data_event_and_a_failure(
     assert after.get("failed_requests", 0) == before.get("failed_requests", 0) + 1
 
 
+@pytest.mark.parametrize("path", ["/olla/anthropic/v1/messages", CHAT])
+def test_a_stream_that_breaks_ends_with_its_clients_error_event(proxy: Proxy,
+                                                                 path: str) -> None:
+    body = chat("break_mid_stream", max_tokens=8)
+    with requests.post(proxy.url + path, json=body, stream=True, timeout=10) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line]
+    assert json.loads(lines[0].removeprefix(b"data: "))["choices"][0]["delta"] == {
+        "content": "one"}
+    if path == CHAT:
+        error = json.loads(lines[1].removeprefix(b"data: "))["error"]
+        assert error["code"] == "upstream_error" and lines[2:] == [b"data: [DONE]"]
+    else:  # Anthropic's error event, and no [DONE]
+        assert lines[1] == b"event: error"
+        error = json.loads(lines[2].removeprefix(b"data: "))
+        assert error["type"] == "error" and error["error"]["type"] == "api_error"
+        assert "mid-stream" in error["error"]["message"] and len(lines) == 3
+    settled(proxy)
+
+
 def test_a_request_whose_upstreams_reset_after_its_body_is_502_and_marks_none_down(
         proxy: Proxy, upstreams: list[ScriptedUpstream]) -> None:
     settled(proxy)
