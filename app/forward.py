@@ -304,10 +304,14 @@ class Forward:
             session = self.request.session
             outcome = sticky.served(self._pin, exchange.state.endpoint.name,
                                     self._pin_was_candidate)
-            headers += [("X-Olla-Sticky-Session", outcome),
-                        ("X-Olla-Sticky-Key-Source", session.source if session else "none")]
-            if self.request.session_id:
-                headers.append(("X-Olla-Session-ID", header_value(self.request.session_id)))
+            # As Olla: no source header without a key, the client's session id echoed when
+            # it was the key.
+            headers.append(("X-Olla-Sticky-Session", outcome))
+            if session is not None:
+                headers.append(("X-Olla-Sticky-Key-Source", session.source))
+                if session.source == "session_header":
+                    headers.append(("X-Olla-Session-ID",
+                                    header_value(self.request.session_id)))
         if candidate.reason:
             headers += [("X-Olla-Routing-Strategy", STRATEGY),
                         ("X-Olla-Routing-Decision", "routed"),
