@@ -148,7 +148,7 @@ class LocalSessions:
 
     def record(self, key: str, endpoint: str, outcome: str) -> None:
         """Pin a session to the endpoint that served it, and count the outcome."""
-        self.counts.outcomes[outcome] = self.counts.outcomes.get(outcome, 0) + 1
+        self.count(outcome)
         if key not in self.sessions:
             self.counts.insertions += 1
         self.sessions[key] = (endpoint, self.clock())
@@ -156,6 +156,7 @@ class LocalSessions:
         self._expire()
 
     def count(self, outcome: str) -> None:
+        """Count an outcome that pins nothing (``disabled``)."""
         self.counts.outcomes[outcome] = self.counts.outcomes.get(outcome, 0) + 1
 
     def _expire(self) -> None:
