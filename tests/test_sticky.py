@@ -190,7 +190,7 @@ def test_config_keys_and_defaults() -> None:
     default = settings_from_mapping({}, environ={}).proxy.sticky_sessions
     assert (default.enabled, default.idle_ttl_seconds, default.max_sessions,
             default.key_sources, default.prefix_hash_bytes, default.spill_after) == (
-        False, 600, 10000, ("session_header", "prefix_hash", "auth_header"), 512, 1.0)
+        False, 600, 10000, ("session_header", "prefix_hash", "auth_header"), 512, 5.0)
     given = settings_from_mapping({"proxy": {"sticky_sessions": {
         "enabled": True, "key_sources": ["ip"], "spill_after": "250ms"}}},
         environ={}).proxy.sticky_sessions

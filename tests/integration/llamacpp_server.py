@@ -1,7 +1,7 @@
 """Run a real llama-server (xllamacpp) on the PyPI Gemma model, for the integration tests.
 
     python tests/integration/llamacpp_server.py --port P --model GGUF [--alias A] [--embedding]
-        [--api-key K] [--n-parallel N] [--n-ctx C]
+        [--api-key K] [--n-parallel N] [--n-ctx C] [--cache-ram MIB]
 
 Runs until SIGTERM. A separate process so that tests can kill and restart it.
 """
@@ -26,6 +26,9 @@ def main() -> None:
     parser.add_argument("--n-ctx", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-slots", action="store_true")
+    # llama.cpp's prompt cache in RAM (prompts evicted from a slot, restored on a match);
+    # default: llama.cpp's own (8192 MiB), 0 turns it off.
+    parser.add_argument("--cache-ram", type=int, default=None, metavar="MIB")
     args = parser.parse_args()
 
     params = xllamacpp.CommonParams()
@@ -38,6 +41,8 @@ def main() -> None:
     params.cpuparams_batch.n_threads = args.threads
     params.endpoint_metrics = True
     params.endpoint_slots = not args.no_slots
+    if args.cache_ram is not None:
+        params.cache_ram_mib = args.cache_ram
     if args.alias:
         params.model_alias = set(args.alias)
     if args.embedding:
