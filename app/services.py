@@ -117,6 +117,8 @@ class Services:
         def round_() -> None:
             drains.sync()
             dispatcher.tick(write_timeout)
+            if sticky is not None:
+                sticky.store.flush()
 
         renewer = Repeating(round_, min(1.0, settings.state.lease_ttl / 4), "lease renewal")
         server = settings.server

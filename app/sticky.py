@@ -156,8 +156,12 @@ class LocalSessions:
         self._expire()
 
     def count(self, outcome: str) -> None:
-        """Count an outcome that pins nothing (``disabled``)."""
+        """Count an outcome that changes no pin (``hit``: the lookup already restarted its
+        idle time; ``disabled``)."""
         self.counts.outcomes[outcome] = self.counts.outcomes.get(outcome, 0) + 1
+
+    def flush(self) -> None:
+        """Nothing to send: the counts are here."""
 
     def _expire(self) -> None:
         oldest = self.clock() - self.settings.idle_ttl_seconds
@@ -236,7 +240,7 @@ expire(tonumber(ARGV[6]), tonumber(ARGV[7]))
 return 1
 """
 COUNT = _PRELUDE + """
-redis.call('HINCRBY', N, 'outcome:' .. ARGV[3], 1)
+for i = 3, #ARGV, 2 do redis.call('HINCRBY', N, 'outcome:' .. ARGV[i], ARGV[i + 1]) end
 return 1
 """
 PURGE = _PRELUDE + """
@@ -266,6 +270,7 @@ class RedisSessions:
         self.table = table
         self.fallback = fallback
         self._down = RedisDown
+        self._unsent: dict[str, int] = {}
         for name, body in (("sticky_lookup", LOOKUP), ("sticky_record", RECORD),
                            ("sticky_count", COUNT), ("sticky_purge", PURGE),
                            ("sticky_figures", FIGURES)):
@@ -289,10 +294,22 @@ class RedisSessions:
             self.fallback.record(key, endpoint, outcome)
 
     def count(self, outcome: str) -> None:
+        """Count an outcome that changes no pin (``hit``: the lookup already restarted the
+        session's idle time; ``disabled``): here, sent to Redis by ``flush``."""
+        self._unsent[outcome] = self._unsent.get(outcome, 0) + 1
+
+    def flush(self) -> None:
+        """Send the outcomes counted here since the last flush (the renewing round's, once
+        a second): a round trip a second, not one per request."""
+        unsent, self._unsent = self._unsent, {}
+        if not unsent:
+            return
         try:
-            self._run("sticky_count", outcome)
+            self._run("sticky_count", *(x for pair in unsent.items() for x in pair))
         except self._down:
-            self.fallback.count(outcome)
+            for outcome, n in unsent.items():
+                self.fallback.counts.outcomes[outcome] = (
+                    self.fallback.counts.outcomes.get(outcome, 0) + n)
 
     def purge(self, endpoint: str) -> int:
         self.fallback.purge(endpoint)
@@ -311,7 +328,8 @@ class RedisSessions:
         return {"active_sessions": int(active),
                 **{k: counts.get(k, 0) for k in ("insertions", "hits", "misses",
                                                  "evictions")},
-                "outcomes": {o: counts.get("outcome:" + o, 0) for o in OUTCOMES},
+                "outcomes": {o: counts.get("outcome:" + o, 0) + self._unsent.get(o, 0)
+                             for o in OUTCOMES},
                 "shared": True}
 
 
@@ -355,12 +373,13 @@ class Sticky:
         """The endpoint that answered: pin the session there and name the outcome.
         ``was_candidate``: whether the pinned endpoint could have served the request."""
         if pin is None:
-            self._write(lambda: self.store.count("disabled"))
+            self.store.count("disabled")
             return "disabled"
+        if pin.pinned == endpoint:
+            self.store.count("hit")  # the pin stands; the lookup restarted its idle time
+            return "hit"
         if pin.pinned is None:
             outcome = "miss"
-        elif pin.pinned == endpoint:
-            outcome = "hit"
         else:
             outcome = "spill" if was_candidate else "repin"
         key = pin.session.key

@@ -1,13 +1,15 @@
-"""What access control costs per request: one gunicorn worker on the fast fake upstream,
-open, with an API key, with a key and rate limits counted in the worker, and counted in
-Redis.
+"""What access control and sticky sessions cost per request: one gunicorn worker on the
+fast fake upstream, open, with an API key, with a key and rate limits counted in the
+worker, and counted in Redis; and with sticky sessions in the worker and in Redis.
 
     .venv/bin/python -m bench.access [--seconds 5] [--rounds 2]
 
 Scenarios ``ns-c1`` and ``ns-c32`` (non-streamed chat with ``wrk``, assembly off, as in
 ``python -m bench``). The limits are set high enough never to refuse (a per-address limit,
 the key's requests per minute and tokens per minute: three windows checked, one counted
-after the answer), so what is measured is their cost. The order of configurations is
+after the answer), so what is measured is their cost. With sticky sessions every request
+is the same conversation (one key, a hit on the one endpoint): the prefix hashed, the
+session looked up and written back. The order of configurations is
 reversed every other round. Prints a Markdown table with each configuration's p50 added
 over the open proxy, and writes JSON to ``bench/results/access-<timestamp>.json``.
 """
@@ -29,7 +31,8 @@ from tests.integration.procs import Proxy, RedisServer
 
 KEY = "sk-bench-0123456789abcdef"
 HIGH = 10**9
-CONFIGS = ("open", "API key", "key + limits", "key + limits in Redis")
+CONFIGS = ("open", "API key", "key + limits", "key + limits in Redis", "sticky",
+           "sticky in Redis")
 Log = Any
 
 
@@ -37,7 +40,9 @@ def proxy_config(name: str, upstream: str, redis_url: str) -> dict[str, Any]:
     config: dict[str, Any] = {
         "proxy": {"assemble_non_streamed": False},
         "endpoints": [{"url": upstream, "name": "fake", "type": "llamacpp"}]}
-    if name != "open":
+    if name.startswith("sticky"):
+        config["proxy"]["sticky_sessions"] = {"enabled": True}
+    elif name != "open":
         key: dict[str, Any] = {"name": "bench", "key": KEY}
         if "limits" in name:
             key.update(requests_per_minute=HIGH, tokens_per_minute=HIGH)
@@ -67,7 +72,8 @@ def measure(args: argparse.Namespace, log: Log) -> list[Run]:
                     try:
                         proxy.start()
                         url = proxy.url + PROXY_PREFIX + CHAT_PATH
-                        script = open_script if name == "open" else keyed_script
+                        keyed = name != "open" and not name.startswith("sticky")
+                        script = keyed_script if keyed else open_script
                         for scenario in SCENARIOS[:2]:
                             plain_run(scenario, name, url, script, 1, round_number)  # warm
                             runs.append(plain_run(scenario, name, url, script, args.seconds,

@@ -173,6 +173,12 @@ def test_redis_sessions_are_one_table_for_every_worker(redis_url: str) -> None:
     assert figures["shared"] is True and figures["active_sessions"] == 0
     assert figures["insertions"] == 3 and figures["evictions"] == 3
     assert figures["outcomes"]["spill"] == 1 and figures["outcomes"]["miss"] == 3
+    # Outcomes that change no pin are counted in the worker, sent once a second.
+    one.count("hit")
+    one.count("hit")
+    assert one.figures()["outcomes"]["hit"] == 2 and two.figures()["outcomes"]["hit"] == 0
+    one.flush()
+    assert two.figures()["outcomes"]["hit"] == 2 and one.figures()["outcomes"]["hit"] == 2
 
 
 def test_redis_sessions_fall_back_to_this_worker_while_redis_is_down() -> None:
@@ -181,7 +187,10 @@ def test_redis_sessions_fall_back_to_this_worker_while_redis_is_down() -> None:
     table = RedisSessions(config, SharedTable(state, "w1"), LocalSessions(config))
     table.record("k", "a", "miss")
     assert table.lookup("k") == "a"
-    assert table.figures()["shared"] is False
+    table.count("hit")
+    table.flush()
+    figures = table.figures()
+    assert figures["shared"] is False and figures["outcomes"]["hit"] == 1
 
 
 # ------------------------------------------------------------------------------- config
