@@ -378,10 +378,7 @@ class Sticky:
         if pin.pinned == endpoint:
             self.store.count("hit")  # the pin stands; the lookup restarted its idle time
             return "hit"
-        if pin.pinned is None:
-            outcome = "miss"
-        else:
-            outcome = "spill" if was_candidate else "repin"
+        outcome = "miss" if pin.pinned is None else "spill" if was_candidate else "repin"
         key = pin.session.key
         self._write(lambda: self.store.record(key, endpoint, outcome))
         return outcome
