@@ -12,8 +12,10 @@ from .config import CorsSettings
 
 # What a browser script may read when ``exposed_headers`` is empty (Olla: all X-Olla-*).
 EXPOSED = ("X-Olla-Request-Id", "X-Olla-Endpoint", "X-Olla-Model", "X-Olla-Backend-Type",
-           "X-Olla-Response-Time", "X-RateLimit-Limit", "X-RateLimit-Remaining",
-           "X-RateLimit-Reset", "Retry-After")
+           "X-Olla-Response-Time", "X-Olla-Routing-Strategy", "X-Olla-Routing-Decision",
+           "X-Olla-Routing-Reason", "X-Olla-Mode", "X-Olla-Sticky-Session",
+           "X-Olla-Sticky-Key-Source", "X-Olla-Session-ID", "X-RateLimit-Limit",
+           "X-RateLimit-Remaining", "X-RateLimit-Reset", "Retry-After")
 
 
 def enable_cors(app: Flask, cors: CorsSettings) -> None:

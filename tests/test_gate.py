@@ -198,7 +198,13 @@ def test_cors_preflight_needs_no_key_and_never_reaches_upstream(
     answer = chat(client, "sk-alice-0123456789", headers={"Origin": "http://app.example"})
     assert answer.status_code == 200
     assert answer.headers["Access-Control-Allow-Origin"] == "http://app.example"
-    assert "X-Olla-Request-Id" in answer.headers["Access-Control-Expose-Headers"]
+    exposed = {h.strip() for h in answer.headers["Access-Control-Expose-Headers"].split(",")}
+    # Olla's default list: every X-Olla-* header the proxy sets, sticky and routing ones too.
+    assert exposed >= {"X-Olla-Request-Id", "X-Olla-Endpoint", "X-Olla-Model",
+                       "X-Olla-Backend-Type", "X-Olla-Response-Time",
+                       "X-Olla-Routing-Strategy", "X-Olla-Routing-Decision",
+                       "X-Olla-Routing-Reason", "X-Olla-Mode", "X-Olla-Sticky-Session",
+                       "X-Olla-Sticky-Key-Source", "X-Olla-Session-ID", "X-RateLimit-Limit"}
     elsewhere = client.options("/olla/llamacpp/v1/chat/completions", headers={
         "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
     assert "Access-Control-Allow-Origin" not in elsewhere.headers
