@@ -29,6 +29,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from .views.gate import bp as gate_bp
     from .views.proxy import bp as proxy_bp
     from .views.status import bp as status_bp
+    from .views.ui import bp as ui_bp
 
     settings = with_embedded_endpoint(settings or load_settings())
     app = Flask(__name__)
@@ -37,6 +38,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(proxy_bp)  # first: its request id and clock start every request
     app.register_blueprint(gate_bp)
     app.register_blueprint(status_bp)
+    app.register_blueprint(ui_bp)
     register_error_handlers(app)
     if settings.server.cors.enabled:
         from .cors import enable_cors

@@ -104,6 +104,7 @@ class QueueView:
     waiting_for: dict[str, int]                # endpoint name -> waiters that could use it
     in_use: dict[str, int]                     # endpoint name -> leases held
     shared: bool = False
+    longest_by_model: dict[str, float] = field(default_factory=dict)  # seconds
 
 
 def _usable(state: EndpointState) -> bool:
@@ -377,7 +378,9 @@ class Dispatcher:
                 depth=len(waiters),
                 longest_wait=max((now - w.arrived for w in waiters), default=0.0),
                 by_model={k: len(q) for k, q in self.queues.items() if q},
-                waiting_for=waiting, in_use=in_use)
+                waiting_for=waiting, in_use=in_use,
+                longest_by_model={k: now - min(w.arrived for w in q)
+                                  for k, q in self.queues.items() if q})
 
     def describe(self) -> dict[str, Any]:
         """The ``shared_state`` object of /internal/status."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from flask import Flask, current_app
@@ -16,6 +16,7 @@ from .config import WORKER_COUNT_ENV, Settings
 from .dispatch import Dispatcher
 from .drain import Drains
 from .health import HealthLoop
+from .history import History
 from .logs import RequestLog
 from .metrics import Metrics
 from .process import gc_timer
@@ -48,12 +49,14 @@ class Services:
     access: Access
     limiter: Limiter
     drains: Drains
+    history: History = field(default_factory=History)  # the dashboard's last 15 minutes
     sticky: Sticky | None = None         # proxy.sticky_sessions, when enabled
     observers: tuple[Callable[[Exchange], None], ...] = ()
 
     def __post_init__(self) -> None:
         # Told about every finished proxied request.
-        observers: list[Callable[[Exchange], None]] = [self.stats.record, self.metrics.record]
+        observers: list[Callable[[Exchange], None]] = [self.stats.record, self.metrics.record,
+                                                       self.history.exchange]
         if self.limiter.counts_tokens:
             observers.append(self._count_tokens)
         self.observers = tuple(observers)
@@ -114,18 +117,22 @@ class Services:
         drains = Drains(registry.states, settings.state, on_change=dispatcher.refresh,
                         table=table)
 
+        history = History(table)
+
         def round_() -> None:
             drains.sync()
             dispatcher.tick(write_timeout)
             if sticky is not None:
                 sticky.store.flush()
+            history.queue_depth(dispatcher.depth())
+            history.flush()
 
         renewer = Repeating(round_, min(1.0, settings.state.lease_ttl / 4), "lease renewal")
         server = settings.server
         access = Access.of(settings.auth.api_keys, server.rate_limits, server.internal_access)
         limiter = Limiter(server.rate_limits, settings.auth.api_keys, settings.state, table)
         return cls(settings, version, pool, registry, router, health, Stats(), dispatcher,
-                   metrics, RequestLog(), renewer, access, limiter, drains, sticky)
+                   metrics, RequestLog(), renewer, access, limiter, drains, history, sticky)
 
     def start_background(self) -> None:
         """Start this worker's health-check and lease-renewing greenlets, and the shared

@@ -274,7 +274,8 @@ local used = reap(ARGV[3])
 pump()
 return {used, reclaimed}
 """,
-    # endpoints (names): in use per endpoint, waiters per model and per endpoint, the oldest
+    # endpoints (names): in use per endpoint, waiters per model (with each model's oldest
+    # arrival) and per endpoint, the oldest
     "snapshot": """
 local eps = {}
 for ep in names(ARGV[3]) do eps[#eps + 1] = ep end
@@ -282,19 +283,23 @@ local in_use, index = {}, {}
 for i, ep in ipairs(eps) do in_use[i] = reap(ep) index[ep] = i end
 local waiting = {}
 for i = 1, #eps do waiting[i] = 0 end
-local by_model, oldest = {}, -1
+local by_model, first, oldest = {}, {}, -1
 for _, id in ipairs(redis.call('ZRANGE', P .. ':waiters', 0, LAST_WAITER)) do
   local f = redis.call('HMGET', P .. ':w:' .. id, 'key', 'eligible', 'arrived')
   if f[1] then
+    local arrived = tonumber(f[3])
     by_model[f[1]] = (by_model[f[1]] or 0) + 1
-    if oldest < 0 or tonumber(f[3]) < oldest then oldest = tonumber(f[3]) end
+    if not first[f[1]] or arrived < first[f[1]] then first[f[1]] = arrived end
+    if oldest < 0 or arrived < oldest then oldest = arrived end
     for ep in names(f[2]) do
       if index[ep] then waiting[index[ep]] = waiting[index[ep]] + 1 end
     end
   end
 end
 local flat = {}
-for k, v in pairs(by_model) do flat[#flat + 1] = k flat[#flat + 1] = v end
+for k, v in pairs(by_model) do
+  flat[#flat + 1] = k flat[#flat + 1] = v flat[#flat + 1] = first[k]
+end
 return {NOW, in_use, waiting, flat, oldest, reclaimed}
 """.replace("LAST_WAITER", str(WAITERS_SCANNED - 1)),
 }
@@ -736,15 +741,19 @@ class SharedDispatcher(Dispatcher):
             return local
         self._log_reclaimed(reclaimed)
         by_model = dict(local.by_model)
-        for i in range(0, len(flat), 2):
+        longest_by_model = dict(local.longest_by_model)
+        for i in range(0, len(flat), 3):
             model = _text(flat[i])
             by_model[model] = by_model.get(model, 0) + int(flat[i + 1])
+            waited = max(0.0, (int(now) - int(flat[i + 2])) / 1000)
+            longest_by_model[model] = max(longest_by_model.get(model, 0.0), waited)
         for name, used in zip(names, in_use, strict=True):
             self.states[name].fleet_in_use = int(used)
         longest = max(local.longest_wait,
                       (int(now) - int(oldest)) / 1000 if int(oldest) >= 0 else 0.0)
         return QueueView(
             depth=sum(by_model.values()), longest_wait=max(0.0, longest), by_model=by_model,
+            longest_by_model=longest_by_model,
             waiting_for={n: int(w) + local.waiting_for.get(n, 0)
                          for n, w in zip(names, waiting, strict=True)},
             in_use={n: int(u) for n, u in zip(names, in_use, strict=True)}, shared=True)

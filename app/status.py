@@ -885,6 +885,42 @@ def process_status(svc: Services, clock: Clock | None = None) -> dict[str, Any]:
                                            now=clock.wall, iso=iso)})
 
 
+# ----------------------------------------------------------------------------- dashboard
+
+def served(view: EndpointView) -> dict[str, Any]:
+    """What the dashboard shows beside the status fields: the models and the requests in
+    flight (the fleet's leases with shared state, else this worker's)."""
+    state = view.state
+    return {"models": sorted({str(m.get("id")) for m in state.models if m.get("id")}),
+            "in_flight": view.leases if view.leases else state.in_flight,
+            "draining": state.draining}
+
+
+UI_ENDPOINT_FIELDS: tuple[FieldGroup, ...] = (identity, health, capacity, served)
+
+
+def ui_data(svc: Services, clock: Clock | None = None) -> dict[str, Any]:
+    """``GET /internal/ui/data``: the fleet now (endpoints, the queue per model) and its last
+    15 minutes second by second (``app.history``), with the last errors."""
+    clock = clock or Clock.now()
+    queue = svc.dispatcher.snapshot()
+    views = _views(svc, clock, queue)
+    history = svc.history.series()
+    errors = [{**e, "time": iso(e["time"])} for e in history.pop("errors")]
+    models = [{"model": key or "(no model named)", "depth": count,
+               "longest_wait_ms": ms(queue.longest_by_model.get(key, 0.0) * 1000)}
+              for key, count in sorted(queue.by_model.items()) if count]
+    return _finish(svc, {
+        "timestamp": iso(clock.wall),
+        "version": svc.version,
+        "endpoints": [serialize_endpoint(v, UI_ENDPOINT_FIELDS) for v in views],
+        "queue": {**queue_status(svc, queue), "models": models},
+        "history": history,
+        "errors": errors,
+        "sticky_sessions": svc.sticky is not None,
+    })
+
+
 # ------------------------------------------------------------------------------ version
 
 CAPABILITIES = ("load_balancing", "health_checking", "model_unification",
@@ -899,6 +935,8 @@ API_ENDPOINTS = {
     "stats_translators": "/internal/stats/translators",
     "stats_sticky": "/internal/stats/sticky",
     "process": "/internal/process",
+    "ui": "/internal/ui/",
+    "ui_data": "/internal/ui/data",
     "models": "/olla/models",
     "version": "/version",
 }

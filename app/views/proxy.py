@@ -102,11 +102,26 @@ def _stamp(response: Response) -> Response:
             headers.setdefault("X-Olla-Backend-Type", BACKEND_TYPE)
             if "X-Olla-Response-Time" not in headers and "started" in g:
                 headers["X-Olla-Response-Time"] = _elapsed_ms()
-            _account(response.status_code)
+            _account(response.status_code, response)
     return response
 
 
-def _account(status: int) -> None:
+def _error_code(response: Response) -> str | None:
+    """The ``code`` of an error answer (Anthropic's ``type`` on its routes), if it has
+    one; an error body is small, and only error answers are read."""
+    if response.is_streamed or response.mimetype != "application/json":
+        return None
+    try:
+        error = json.loads(response.get_data()).get("error")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(error, dict):
+        return None
+    code = error.get("code", error.get("type"))
+    return str(code) if code is not None else None
+
+
+def _account(status: int, response: Response) -> None:
     """Count the answer, and log it now unless a stream is still running (its exchange
     logs when it ends)."""
     svc = services()
@@ -116,7 +131,13 @@ def _account(status: int) -> None:
     route = request.view_args.get("subpath", "") if request.view_args else ""
     # Any path can be asked for: only known routes become metric labels, or a scan of
     # random paths would create a series each.
-    svc.metrics.answered(endpoint, model, route if route in ROUTES else "(other)", status)
+    known = route if route in ROUTES else "(other)"
+    svc.metrics.answered(endpoint, model, known, status)
+    if not model and status >= 400:
+        payload_model = g.get("model")
+        model = payload_model if isinstance(payload_model, str) else ""
+    svc.history.answered(status, known, model,
+                         _error_code(response) if status >= 400 else None)
     if "translator" in g:
         _count_translated(svc.stats.translators[g.translator], exchange, status)
     if exchange is None:
@@ -192,6 +213,7 @@ def proxy(prefix: str, subpath: str) -> Response:
         raise InvalidRequest(schemas.validation_message(errors))
     model = payload.get("model")
     model = model if isinstance(model, str) else None
+    g.model = model
     g.streaming = payload.get("stream") is True
     key = g.get("api_key")
     if not may_use(key, model):
