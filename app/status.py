@@ -935,7 +935,6 @@ API_ENDPOINTS = {
     "stats_translators": "/internal/stats/translators",
     "stats_sticky": "/internal/stats/sticky",
     "process": "/internal/process",
-    "ui": "/internal/ui/",
     "ui_data": "/internal/ui/data",
     "models": "/olla/models",
     "version": "/version",

@@ -27,7 +27,7 @@ CHAT_MODEL = "llama-3.1-8b-instruct-q4_k_m.gguf"
 EMBED_MODEL = "nomic-embed-text-v1.5.Q4_K_M.gguf"
 ROUTES = ["/internal/health", "/internal/status", "/internal/status/endpoints",
           "/internal/status/models", "/internal/stats/models", "/internal/stats/translators",
-          "/internal/stats/sticky", "/internal/process", "/internal/ui/",
+          "/internal/stats/sticky", "/internal/process",
           "/internal/ui/data", "/olla/models", "/version"]
 ENDPOINT_FIELDS = {
     "id", "name", "url", "type", "priority", "status", "issues", "health_check",

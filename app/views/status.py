@@ -136,7 +136,7 @@ def _drain(name: str, drained: bool) -> Response:
                   "in_flight": held})
 
 
-def _wrong_method() -> Response:
+def wrong_method() -> Response:
     # Explicit, not Werkzeug's own 405: the proxy's ``/olla/<prefix>/`` rule would otherwise
     # turn ``POST /olla/models`` into a redirect to ``/olla/models/``.
     raise MethodNotAllowed(f"Method {request.method} not allowed on {request.path}",
@@ -144,5 +144,5 @@ def _wrong_method() -> Response:
 
 
 for _path in PATHS:
-    bp.add_url_rule(_path, "wrong_method" + _path.replace("/", "_"), _wrong_method,
+    bp.add_url_rule(_path, "wrong_method" + _path.replace("/", "_"), wrong_method,
                     methods=["POST", "PUT", "PATCH", "DELETE"])

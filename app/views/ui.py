@@ -15,6 +15,7 @@ from flask import Blueprint, Response, redirect, request
 from .. import status
 from ..errors import RouteNotFound
 from ..services import services
+from .status import wrong_method
 
 bp = Blueprint("ui", __name__)
 ASSETS = Path(__file__).resolve().parent.parent / "ui"
@@ -62,4 +63,10 @@ def _asset(name: str) -> Response:
     response.set_etag(etag)
     response.headers["Cache-Control"] = "no-cache"  # revalidated: a new version shows at once
     response.headers["X-Content-Type-Options"] = "nosniff"
-    return response.make_conditional(request)
+    response.make_conditional(request)  # 304 when the browser has this version
+    return response
+
+
+for _path in ("/internal/ui", "/internal/ui/", "/internal/ui/data", "/internal/ui/<name>"):
+    bp.add_url_rule(_path, "wrong_method" + _path.replace("/", "_"), wrong_method,
+                    methods=["POST", "PUT", "PATCH", "DELETE"])
