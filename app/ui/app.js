@@ -73,8 +73,8 @@ function chart(title, lines, unit) {
   const n = lines[0].values.length;
   const x = i => left + (i / (n - 1)) * (width - left - pad);
   const y = v => height - 14 - (v / top) * (height - 14 - pad);
-  const plot = svg("svg", { viewBox: `0 0 ${width} ${height}`, preserveAspectRatio: "none",
-                            role: "img", "aria-label": title });
+  const plot = svg("svg", { viewBox: `0 0 ${width} ${height}`, role: "img",
+                            "aria-label": title });
   plot.append(svg("line", { class: "axis", x1: left, x2: width - pad, y1: y(0), y2: y(0) }));
   const label = (text, attrs) => { const t = svg("text", attrs); t.textContent = text; return t; };
   plot.append(label(fmt(top / 1.1, unit), { x: 2, y: pad + 8 }));

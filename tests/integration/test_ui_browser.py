@@ -1,0 +1,140 @@
+"""The dashboard in a real headless Chromium (Debian's, through selenium), in front of two
+real llama.cpp servers: no console errors, both endpoints with their states, a slot bar
+filled by a running stream, charts with points, an endpoint stopped shown offline within
+10 s, and a phone's width without sideways scrolling."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+
+from .browser import ALIAS, chrome, real_fleet, rendered
+from .procs import LlamaServer, Proxy
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Iterator[tuple[Proxy, dict[str, LlamaServer]]]:
+    with real_fleet() as found:
+        yield found
+
+
+@pytest.fixture
+def driver() -> Iterator[webdriver.Chrome]:
+    browser = chrome()
+    yield browser
+    browser.quit()
+
+
+def card(driver: webdriver.Chrome, name: str) -> Any:
+    return driver.find_element(By.CSS_SELECTOR, f'article.card[data-name="{name}"]')
+
+
+def until(check: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = check()
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what}")
+        time.sleep(0.2)
+
+
+def stream_in_background(proxy: Proxy, stop: threading.Event) -> threading.Thread:
+    def run() -> None:
+        with requests.post(proxy.url + "/olla/llamacpp/v1/chat/completions", stream=True,
+                           timeout=120, json={"model": ALIAS, "stream": True,
+                                              "max_tokens": 600, "messages": [
+                                                  {"role": "user",
+                                                   "content": "Tell a very long story"}]}
+                           ) as answer:
+            for _ in answer.iter_lines():
+                if stop.is_set():
+                    return
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_the_dashboard_in_a_real_browser(fleet: tuple[Proxy, dict[str, LlamaServer]],
+                                         driver: webdriver.Chrome, tmp_path: Path) -> None:
+    proxy, servers = fleet
+    # A finished request and a refused one, so that the charts and the errors have data.
+    chat = proxy.url + "/olla/llamacpp/v1/chat/completions"
+    assert requests.post(chat, timeout=60, json={"model": ALIAS, "max_tokens": 4, "messages": [
+        {"role": "user", "content": "hi"}]}).status_code == 200
+    assert requests.post(chat, timeout=10, json={"model": "no-such-model", "messages": [
+        {"role": "user", "content": "hi"}]}).status_code == 404
+    stop = threading.Event()
+    streaming = stream_in_background(proxy, stop)
+    try:
+        until(lambda: sum(s.busy_slots() for s in servers.values()) == 1, 20,
+              "the stream holds a slot")
+        driver.get(proxy.url + "/internal/ui/")
+        state = rendered(driver)
+        assert state["error"] is None
+        for name in servers:
+            assert card(driver, name).get_attribute("data-state") == "healthy"
+            assert "healthy" in card(driver, name).find_element(By.CLASS_NAME, "state").text
+
+        def busy_bar() -> Any:
+            widths = [card(driver, n).find_element(By.CSS_SELECTOR, ".bar > span")
+                      .get_attribute("style") for n in servers]
+            return [w for w in widths if "width: 0.0%" not in (w or "")]
+        assert until(busy_bar, 10, "a slot bar that is not empty")
+        assert "1 / 2 slots" in driver.find_element(By.ID, "endpoints").text
+
+        def charted() -> Any:
+            charts = driver.find_elements(By.CSS_SELECTOR, ".chart")
+            points = {c.find_element(By.TAG_NAME, "h3").text: int(c.get_attribute("data-points"))
+                      for c in charts}
+            return points if points.get("Time to first byte", 0) > 0 else None
+        points = until(charted, 10, "a time-to-first-byte chart with points")
+        assert points["Requests per second by outcome"] > 0
+        assert driver.find_elements(By.CSS_SELECTOR, ".chart polyline, .chart circle")
+        assert "model_not_found" in driver.find_element(By.ID, "errors").text
+        driver.save_screenshot(str(tmp_path / "dashboard.png"))
+        assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+
+        # An endpoint stopped: its card says so within 10 s (probes every second).
+        idle = next(n for n, s in servers.items() if s.busy_slots() == 0)
+        servers[idle].stop()
+        stopped = time.monotonic()
+        until(lambda: card(driver, idle).get_attribute("data-state") == "offline", 10,
+              f"{idle} shown offline")
+        print(f"\n{idle} shown offline {time.monotonic() - stopped:.1f} s after it stopped")
+        assert "offline" in card(driver, idle).find_element(By.CLASS_NAME, "state").text
+        # No console errors at all (a missing favicon would be one).
+        logs = driver.get_log("browser")
+        assert not [entry for entry in logs if entry["level"] == "SEVERE"], logs
+    finally:
+        stop.set()
+        streaming.join(30)
+        for server in servers.values():
+            if server.process is None or server.process.poll() is not None:
+                server.start().wait()
+
+
+def test_a_phone_width_needs_no_sideways_scrolling(
+        fleet: tuple[Proxy, dict[str, LlamaServer]]) -> None:
+    proxy, _ = fleet
+    phone = chrome(390, 844)
+    try:
+        phone.get(proxy.url + "/internal/ui/")
+        rendered(phone)
+        wide = phone.execute_script(
+            "return [document.documentElement.scrollWidth, window.innerWidth]")
+        assert wide[0] <= wide[1] + 1, wide
+        assert not [e for e in phone.get_log("browser") if e["level"] == "SEVERE"]
+    finally:
+        phone.quit()
