@@ -81,11 +81,12 @@ CHAT_ANSWER = {
               "prompt_tokens_details": {"cached_tokens": 20}},
     "timings": {"cache_n": 20, "prompt_n": 6, "predicted_n": 8, "predicted_per_second": 16.3},
 }
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
 GRAFANA_BUILTINS = frozenset({"__rate_interval", "__interval", "__interval_ms", "__range",
                               "__range_s", "__range_ms"})
 
 # name -> the label names its samples carry; None for a family declared without a sample yet
-Exported = dict[str, "set[str] | None"]
+Exported = dict[str, set[str] | None]
 
 # ------------------------------------------------------------------------------ the checker
 
@@ -110,21 +111,23 @@ VARIABLE = re.compile(r"\$(?:\{(\w+)(?::\w+)?\}|(\w+))")
 def exported_series(text: str) -> Exported:
     """Every series name a Prometheus exposition holds, with the label names seen on it."""
     out: Exported = {}
+    created: set[str] = set()
     for family in text_string_to_metric_families(text):
+        if family.type in ("counter", "histogram", "summary"):
+            created.add(family.name + "_created")  # the text format: a gauge family of its own
         for suffix in SAMPLE_SUFFIXES.get(family.type, ("",)):
             out.setdefault(family.name + suffix, None)
         for sample in family.samples:
-            if sample.name == family.name + "_created" and family.type in SAMPLE_SUFFIXES:
-                continue
             seen = out.get(sample.name) or set()
             out[sample.name] = seen | set(sample.labels)
-    return out
+    return {name: labels for name, labels in out.items() if name not in created}
 
 
 def selectors(expr: str) -> list[tuple[str, set[str]]]:
     """(metric name, label names it matches on) for each series selector of a PromQL
-    expression. Identifiers called like functions (``rate(``), keywords, grouping label lists
-    (``by (le, endpoint)``), string literals and range brackets are not series."""
+    expression. Identifiers called like functions (``rate(``) or aggregating (``sum by``),
+    keywords, grouping label lists (``by (le, endpoint)``), string literals and range
+    brackets are not series."""
     tokens = [(m.lastgroup, m.group()) for m in TOKEN.finditer(STRING.sub('""', expr))]
     found: list[tuple[str, set[str]]] = []
     i = 0
@@ -133,6 +136,9 @@ def selectors(expr: str) -> list[tuple[str, set[str]]]:
         following = tokens[i + 1] if i + 1 < len(tokens) else (None, "")
         if kind == "matchers":
             raise ValueError(f"a selector without a metric name: {text} in {expr!r}")
+        if kind == "name" and following in (("name", "by"), ("name", "without")):
+            i += 1
+            continue  # an aggregation: sum by (...) (...)
         if kind == "name" and following == ("other", "("):
             if text in GROUPING:  # skip the label list
                 depth, i = 0, i + 1
@@ -213,6 +219,7 @@ def queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
 # ------------------------------------------------------------------------------ the proxy
 
 def healthy(pool: Any, endpoint: Any) -> Probe:
+    """A health probe that always finds the endpoint healthy."""
     return Probe(Status.HEALTHY, "", 1.0)
 
 
@@ -223,9 +230,6 @@ def fake_llamacpp(fake: responses.RequestsMock) -> None:
     fake.post(f"{CHAT_URL}/v1/chat/completions", json=CHAT_ANSWER)
     fake.get(f"{CHAT_URL}/slots", json=[{"id": 0, "is_processing": False}])
     fake.get(f"{CHAT_URL}/metrics", body=LLAMACPP_METRICS)
-
-
-CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
 
 
 @pytest.fixture
@@ -314,6 +318,8 @@ def test_the_checker_reports_what_is_not_exported(exported: Exported) -> None:
         "v: olla_endpoint_up has no label ['route']"]
     assert problems([("p", "olla_requests")], exported) == [   # the family, not a series
         "p: olla_requests is not a series the proxy exports"]
+    assert problems([("p", "olla_requests_created")], exported) == [  # not under gunicorn
+        "p: olla_requests_created is not a series the proxy exports"]
     assert problems([("p", 'sum(rate({__name__="olla_requests_total"}[1m]))')], exported)
     assert problems([("p", "vector(1)")], exported) == ["p: no series in 'vector(1)'"]
 
