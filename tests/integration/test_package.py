@@ -54,7 +54,8 @@ def test_the_wheel_holds_the_command_and_what_it_runs(installed: Path) -> None:
     wheel = next((installed / "dist").glob("olla_py-*.whl"))
     assert wheel.name.startswith(f"olla_py-{__version__}-")
     names = zipfile.ZipFile(wheel).namelist()
-    for module in ("app/gunicorn_conf.py", "app/wsgi.py", "app/worker.py", "app/shared.py"):
+    for module in ("app/gunicorn_conf.py", "app/wsgi.py", "app/worker.py", "app/shared.py",
+                   "app/ui/index.html", "app/ui/app.js", "app/ui/app.css", "app/ui/favicon.svg"):
         assert module in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "olla-py = app.__main__:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
@@ -88,6 +89,9 @@ def test_the_installed_command_serves_from_anywhere(installed: Path) -> None:
         wait_http(f"http://127.0.0.1:{port}/internal/health", process, timeout=30)
         version = requests.get(f"http://127.0.0.1:{port}/version", timeout=5).json()
         assert version["version"] == __version__
+        for asset in ("", "app.js", "favicon.svg"):  # the dashboard, from the wheel
+            page = requests.get(f"http://127.0.0.1:{port}/internal/ui/{asset}", timeout=5)
+            assert page.status_code == 200 and page.content, asset
     finally:
         stop_process(process)
         log.close()

@@ -138,3 +138,29 @@ def test_a_phone_width_needs_no_sideways_scrolling(
         assert not [e for e in phone.get_log("browser") if e["level"] == "SEVERE"]
     finally:
         phone.quit()
+
+
+def test_the_fleet_history_through_redis(start_proxy: Any, redis_url: str,
+                                         fleet: tuple[Proxy, dict[str, LlamaServer]]) -> None:
+    """Two workers, one Redis: the page's 15 minutes are the fleet's, whichever worker
+    answers."""
+    _, servers = fleet
+    proxy = start_proxy({"endpoints": [{"url": s.url, "name": n} for n, s in servers.items()],
+                         "state": {"redis_url": redis_url}}, extra_args=["--workers", "2"])
+    data_url = proxy.url + "/internal/ui/data"
+
+    def answered() -> int:
+        return sum(requests.get(data_url, timeout=10).json()["history"]["requests"]["ok"])
+    time.sleep(2.5)  # the start-up's own requests (readiness) are in Redis by now
+    before = answered()
+    chat = proxy.url + "/olla/llamacpp/v1/chat/completions"
+    for _ in range(6):
+        assert requests.post(chat, timeout=60, json={
+            "model": ALIAS, "max_tokens": 2,
+            "messages": [{"role": "user", "content": "hi"}]}).status_code == 200
+    until(lambda: answered() >= before + 6, 10, "the six requests in the shared history")
+    data = requests.get(data_url, timeout=10).json()
+    assert data["history"]["shared"] is True
+    # Every worker answers with the fleet's figures (each read goes to either worker).
+    assert {answered() for _ in range(20)} == {before + 6}
+    assert len(proxy.worker_pids()) == 2
