@@ -907,7 +907,11 @@ def ui_data(svc: Services, clock: Clock | None = None) -> dict[str, Any]:
     views = _views(svc, clock, queue)
     history = svc.history.series()
     errors = [{**e, "time": iso(e["time"])} for e in history.pop("errors")]
-    models = [{"model": key or "(no model named)", "depth": count,
+    # The queue is keyed by the name as compared (lower case, no .gguf): shown by the
+    # fleet's own name for it where an endpoint lists one.
+    shown = {name_key(str(m.get("id"))): str(m.get("id"))
+             for state in svc.registry for m in state.models if m.get("id")}
+    models = [{"model": shown.get(key, key) or "(no model named)", "depth": count,
                "longest_wait_ms": ms(queue.longest_by_model.get(key, 0.0) * 1000)}
               for key, count in sorted(queue.by_model.items()) if count]
     return _finish(svc, {

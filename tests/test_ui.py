@@ -25,7 +25,7 @@ OUTSIDE = {"environ_base": {"REMOTE_ADDR": "192.0.2.44"}}
 @pytest.fixture
 def fleet(fake: responses.RequestsMock, make_app: Callable[..., Flask]) -> Flask:
     add_llamacpp(fake, CHAT_URL, "gemma", aliases=["gemma", "chat"])
-    add_llamacpp(fake, EMBED_URL, "embedder")
+    add_llamacpp(fake, EMBED_URL, "Nomic-Embed.gguf")
     fake.post(CHAT_URL + "/v1/chat/completions", json={
         "choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 4,
                                  "prompt_tokens_details": {"cached_tokens": 6}}})
@@ -100,7 +100,11 @@ def test_queue_per_model_with_its_longest_wait(fleet: Flask) -> None:
     svc = services_of(fleet)
     state = svc.registry.states["chat"]
     svc.dispatcher.queues["gemma"] = deque([Waiter("gemma", [state], arrived=0.0)])
+    svc.dispatcher.queues["nomic-embed"] = deque([Waiter("nomic-embed", [state]),
+                                                  Waiter("nomic-embed", [state])])
     data = fleet.test_client().get("/internal/ui/data").get_json()
-    [row] = data["queue"]["models"]
-    assert row["model"] == "gemma" and row["depth"] == 1 and row["longest_wait_ms"] > 0
+    rows = {row["model"]: row for row in data["queue"]["models"]}
+    assert rows["gemma"]["depth"] == 1 and rows["gemma"]["longest_wait_ms"] > 1000
+    # Queued by the name as compared (no .gguf, lower case), shown by the fleet's name.
+    assert rows["Nomic-Embed.gguf"]["depth"] == 2
     svc.dispatcher.queues.clear()
