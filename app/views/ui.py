@@ -36,7 +36,9 @@ def page() -> Response:
 @bp.get("/internal/ui/data")
 def data() -> Response:
     """The fleet now and its last 15 minutes (``app.status.ui_data``)."""
-    response = Response(json.dumps(status.ui_data(services()), separators=(",", ":")),
+    svc = services()
+    svc.registry.refresh()  # endpoints never discovered yet (the health loop may not have run)
+    response = Response(json.dumps(status.ui_data(svc), separators=(",", ":")),
                         mimetype="application/json")
     response.headers["Cache-Control"] = "no-store"
     return response
