@@ -181,3 +181,25 @@ def test_translation_and_the_inspector_are_refused_not_ignored() -> None:
     default = settings_from_mapping({}, environ={}).anthropic
     assert (default.enabled, default.passthrough_enabled, default.max_message_size) == (
         True, True, 10 * 1024 * 1024)
+
+
+def test_api_keys_as_the_anthropic_sdk_sends_them(fake: responses.RequestsMock,
+                                                  make_app: Callable[..., Flask]) -> None:
+    add_llamacpp(fake, CHAT_URL, "gemma")
+    upstream = fake.post(CHAT_URL + "/v1/messages", body=STREAM,
+                         content_type="text/event-stream")
+    client = make_app({"endpoints": [{"url": CHAT_URL, "name": "chat"}],
+                       "auth": {"api_keys": [{"name": "claude", "key": "sk-ant-0123456789",
+                                              "models": ["gemma"]}]}}).test_client()
+    missing = post(client, "v1/messages", MESSAGE)
+    assert missing.status_code == 401
+    assert anthropic_error(missing)["type"] == "authentication_error"
+    wrong_model = post(client, "v1/messages", {**MESSAGE, "model": "other"},
+                       **{"X-API-Key": "sk-ant-0123456789"})
+    assert wrong_model.status_code == 403
+    assert anthropic_error(wrong_model)["type"] == "permission_error"
+    answer = post(client, "v1/messages", MESSAGE, **{"X-API-Key": "sk-ant-0123456789",
+                                                     "anthropic-version": "2023-06-01"})
+    assert answer.status_code == 200 and answer.get_json() == ANSWER
+    sent = upstream.calls[0].request.headers
+    assert "X-API-Key" not in sent and sent["anthropic-version"] == "2023-06-01"
