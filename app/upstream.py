@@ -107,6 +107,7 @@ class Upstream:
     """An open upstream response; iterate it for raw body chunks, always close it."""
 
     response: requests.Response
+    interrupted: bool = False
 
     @property
     def status(self) -> int:
@@ -157,11 +158,25 @@ class Upstream:
                 yield data
         except (requests.RequestException, Urllib3HTTPError, OSError) as exc:
             raise _translate(exc) from exc
+        if self.interrupted:
+            # A body ended by its connection's close looks complete when interrupt() shut
+            # the socket down: it was cut, not finished.
+            raise UpstreamError("upstream read interrupted")
+
+    def _socket(self) -> Any:
+        """The response's socket: its connection's, or, for an answer that will close its
+        connection (close-delimited, or ``Connection: close``), which http.client detaches
+        from the connection, the one under the response's own reader."""
+        raw = self.response.raw
+        sock = getattr(getattr(raw, "_connection", None), "sock", None)
+        if sock is None:
+            reader = getattr(getattr(raw, "_fp", None), "fp", None)   # a BufferedReader
+            sock = getattr(getattr(reader, "raw", None), "_sock", None)  # its SocketIO's
+        return sock
 
     def set_read_timeout(self, seconds: float) -> None:
         """The longest wait for the next bytes of this response from now on."""
-        connection = getattr(self.response.raw, "_connection", None)
-        sock = getattr(connection, "sock", None)
+        sock = self._socket()
         if sock is not None:
             sock.settimeout(seconds)
 
@@ -169,8 +184,8 @@ class Upstream:
         """Wake whoever is reading this response with an error, from another greenlet: shut
         the socket down (closing the reader under it is not safe); the reader's own close
         then resets the connection."""
-        connection = getattr(self.response.raw, "_connection", None)
-        sock = getattr(connection, "sock", None)
+        self.interrupted = True
+        sock = self._socket()
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
