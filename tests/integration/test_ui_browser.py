@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 import requests
 from selenium import webdriver
-from selenium.webdriver.common.by import By
 
 from .browser import ALIAS, chrome, real_fleet, rendered
 from .procs import LlamaServer, Proxy
@@ -35,8 +34,27 @@ def driver() -> Iterator[webdriver.Chrome]:
     browser.quit()
 
 
-def card(driver: webdriver.Chrome, name: str) -> Any:
-    return driver.find_element(By.CSS_SELECTOR, f'article.card[data-name="{name}"]')
+# Read in one script between two redraws: an element found now may be replaced by the
+# next redraw (every 2 s) before a later call reads it.
+PAGE = """
+const cards = {};
+for (const c of document.querySelectorAll("article.card")) {
+  cards[c.dataset.name] = {state: c.dataset.state,
+                           text: c.querySelector(".state").textContent,
+                           bar: c.querySelector(".bar > span").style.width,
+                           slots: c.querySelector(".slots").textContent};
+}
+const charts = {};
+for (const c of document.querySelectorAll(".chart")) {
+  charts[c.querySelector("h3").textContent] = {
+    points: Number(c.dataset.points), drawn: c.querySelectorAll("polyline, circle").length};
+}
+return {cards, charts, errors: document.getElementById("errors").textContent};
+"""
+
+
+def page(driver: webdriver.Chrome) -> Any:
+    return driver.execute_script(PAGE)
 
 
 def until(check: Any, timeout: float, what: str) -> Any:
@@ -83,26 +101,24 @@ def test_the_dashboard_in_a_real_browser(fleet: tuple[Proxy, dict[str, LlamaServ
         driver.get(proxy.url + "/internal/ui/")
         state = rendered(driver)
         assert state["error"] is None
+        shown = page(driver)
         for name in servers:
-            assert card(driver, name).get_attribute("data-state") == "healthy"
-            assert "healthy" in card(driver, name).find_element(By.CLASS_NAME, "state").text
+            assert shown["cards"][name]["state"] == "healthy"
+            assert "healthy" in shown["cards"][name]["text"]
 
         def busy_bar() -> Any:
-            widths = [card(driver, n).find_element(By.CSS_SELECTOR, ".bar > span")
-                      .get_attribute("style") for n in servers]
-            return [w for w in widths if "width: 0.0%" not in (w or "")]
+            cards = page(driver)["cards"]
+            return [c for c in cards.values() if c["bar"] not in ("", "0%", "0.0%")
+                    and c["slots"].startswith("1 / 2")]
         assert until(busy_bar, 10, "a slot bar that is not empty")
-        assert "1 / 2 slots" in driver.find_element(By.ID, "endpoints").text
 
         def charted() -> Any:
-            charts = driver.find_elements(By.CSS_SELECTOR, ".chart")
-            points = {c.find_element(By.TAG_NAME, "h3").text: int(c.get_attribute("data-points"))
-                      for c in charts}
-            return points if points.get("Time to first byte", 0) > 0 else None
-        points = until(charted, 10, "a time-to-first-byte chart with points")
-        assert points["Requests per second by outcome"] > 0
-        assert driver.find_elements(By.CSS_SELECTOR, ".chart polyline, .chart circle")
-        assert "model_not_found" in driver.find_element(By.ID, "errors").text
+            charts = page(driver)["charts"]
+            ttfb = charts.get("Time to first byte", {"points": 0, "drawn": 0})
+            return charts if ttfb["points"] > 0 and ttfb["drawn"] > 0 else None
+        charts = until(charted, 10, "a time-to-first-byte chart with points")
+        assert charts["Requests per second by outcome"]["points"] > 0
+        assert "model_not_found" in page(driver)["errors"]
         driver.save_screenshot(str(tmp_path / "dashboard.png"))
         assert (tmp_path / "dashboard.png").stat().st_size > 10_000
 
@@ -110,10 +126,10 @@ def test_the_dashboard_in_a_real_browser(fleet: tuple[Proxy, dict[str, LlamaServ
         idle = next(n for n, s in servers.items() if s.busy_slots() == 0)
         servers[idle].stop()
         stopped = time.monotonic()
-        until(lambda: card(driver, idle).get_attribute("data-state") == "offline", 10,
+        until(lambda: page(driver)["cards"][idle]["state"] == "offline", 10,
               f"{idle} shown offline")
         print(f"\n{idle} shown offline {time.monotonic() - stopped:.1f} s after it stopped")
-        assert "offline" in card(driver, idle).find_element(By.CLASS_NAME, "state").text
+        assert "offline" in page(driver)["cards"][idle]["text"]
         # No console errors at all (a missing favicon would be one).
         logs = driver.get_log("browser")
         assert not [entry for entry in logs if entry["level"] == "SEVERE"], logs
