@@ -233,6 +233,14 @@ def expect_quickly(started: float, at_most: float) -> None:
 
 # --- the request as the upstream receives it -----------------------------------------------
 
+
+def read_until_error(items: Iterator[bytes]) -> tuple[list[bytes], UpstreamError]:
+    """The chunks that arrived before the read failed, and its error."""
+    got: list[bytes] = []
+    with pytest.raises(UpstreamError) as raised:
+        got.extend(items)
+    return got, raised.value
+
 def test_the_request_goes_out_as_given(rig: Callable[[Script], Rig]) -> None:
     r = rig(answering(response()))
     r.open("POST", "/completion?a=1", body=b'{"x": 1}', headers={"X-Test": "yes"}).read()
@@ -312,12 +320,10 @@ def test_a_body_short_of_its_content_length_is_an_error_via_chunks(
         return False
 
     upstream = rig(script).open()
-    got: list[bytes] = []
-    with pytest.raises(UpstreamError) as raised:
-        got.extend(upstream.chunks())
+    got, error = read_until_error(upstream.chunks())
     assert b"".join(got) == b"abc"     # what did arrive was relayed before the error
-    assert type(raised.value) is UpstreamError
-    assert raised.value.message == "upstream connection failed: invalid HTTP answer"
+    assert type(error) is UpstreamError
+    assert error.message == "upstream connection failed: invalid HTTP answer"
     upstream.close()
 
 
@@ -434,12 +440,10 @@ def test_an_invalid_chunk_size_is_an_error(rig: Callable[[Script], Rig]) -> None
         return False
 
     upstream = rig(script).open()
-    got: list[bytes] = []
-    with pytest.raises(UpstreamError) as raised:
-        got.extend(upstream.chunks())
+    got, error = read_until_error(upstream.chunks())
     assert got == [b"ok"]
-    assert type(raised.value) is UpstreamError
-    assert raised.value.message == "upstream connection failed: invalid chunked encoding"
+    assert type(error) is UpstreamError
+    assert error.message == "upstream connection failed: invalid chunked encoding"
     upstream.close()
 
 
@@ -450,12 +454,10 @@ def test_a_chunked_body_closed_before_its_last_chunk_is_an_error(
         return False
 
     upstream = rig(script).open()
-    got: list[bytes] = []
-    with pytest.raises(UpstreamError) as raised:
-        got.extend(upstream.chunks())
+    got, error = read_until_error(upstream.chunks())
     assert got == [b"ok"]
-    assert type(raised.value) is UpstreamError
-    assert raised.value.message == "upstream connection failed: invalid HTTP answer"
+    assert type(error) is UpstreamError
+    assert error.message == "upstream connection failed: invalid HTTP answer"
     upstream.close()
 
 
@@ -837,13 +839,11 @@ def test_reset_mid_chunked_body(rig: Callable[[Script], Rig]) -> None:
     items = upstream.chunks()
     assert next(items) == b"data: one\n\n"
     gates[0].set()
-    got: list[bytes] = []
-    with pytest.raises(UpstreamError) as raised:
-        got.extend(items)
+    got, error = read_until_error(items)
     # current behaviour: the part of a chunk that arrived is not yielded before the error.
     assert got == []
-    assert type(raised.value) is UpstreamError
-    assert raised.value.message == "upstream connection failed: connection reset by the upstream"
+    assert type(error) is UpstreamError
+    assert error.message == "upstream connection failed: connection reset by the upstream"
     upstream.close()
 
 
