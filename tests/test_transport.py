@@ -231,15 +231,16 @@ def expect_quickly(started: float, at_most: float) -> None:
     assert elapsed < at_most, f"took {elapsed:.2f} s, more than {at_most} s"
 
 
-# --- the request as the upstream receives it -----------------------------------------------
-
-
 def read_until_error(items: Iterator[bytes]) -> tuple[list[bytes], UpstreamError]:
     """The chunks that arrived before the read failed, and its error."""
     got: list[bytes] = []
     with pytest.raises(UpstreamError) as raised:
         got.extend(items)
     return got, raised.value
+
+
+# --- the request as the upstream receives it -----------------------------------------------
+
 
 def test_the_request_goes_out_as_given(rig: Callable[[Script], Rig]) -> None:
     r = rig(answering(response()))
