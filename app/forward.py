@@ -242,8 +242,9 @@ class Forward:
         svc, req = self.svc, self.request
         wait = req.watch.wait if req.watch else None
         pin, self._pin_was_candidate = self._pin, False
-        pinned = next((s for s in eligible if pin is not None
-                       and s.endpoint.name == pin.pinned), None)
+        pinned = None
+        if pin is not None and pin.pinned is not None:  # nothing to look for otherwise
+            pinned = next((s for s in eligible if s.endpoint.name == pin.pinned), None)
         if pinned is not None and svc.sticky is not None:
             self._pin_was_candidate = True
             eligible = [pinned, *(s for s in eligible if s is not pinned)]
