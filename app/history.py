@@ -23,6 +23,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .shared import RedisDown, pairs
+
 if TYPE_CHECKING:
     from .shared import SharedTable
     from .stats import Exchange
@@ -35,7 +37,6 @@ ERRORS = 20              # the last errors kept
 TTFB_BOUNDS = (10, 25, 50, 100, 200, 350, 500, 750, 1000, 1500, 2000, 3000, 5000, 7500,
                10000, 20000, 30000, 60000, math.inf)
 OUTCOMES = ("ok", "client_error", "server_error")
-SUMMED = ("ok", "client_error", "server_error", "tokens", "prompt", "cached")
 
 
 def outcome_of(status: int) -> str:
@@ -48,7 +49,7 @@ class Second:
     """What happened in one second."""
 
     at: int
-    counts: dict[str, int] = field(default_factory=dict)   # SUMMED fields
+    counts: dict[str, int] = field(default_factory=dict)   # OUTCOMES, tokens, prompt, cached
     ttfb: list[int] = field(default_factory=lambda: [0] * len(TTFB_BOUNDS))
     queue: int = 0                                          # deepest queue seen
 
@@ -211,8 +212,6 @@ class History:
         """Add the seconds that are over (and new errors) to Redis: one script call."""
         if self.table is None:
             return
-        from .shared import RedisDown
-
         current = int(self.clock())
         done = [s for s in self._unsent if s.at < current]
         if not done and not self._unsent_errors:
@@ -240,14 +239,12 @@ class History:
         last = int(self.clock()) - 1  # the current second is not over
         first = last - SECONDS + 1
         if self.table is not None:
-            from .shared import RedisDown
-
             try:
                 flat, raw_errors = self.table.run("history_read", first, last)
             except RedisDown:
                 pass
             else:
-                seconds = [Second.of(int(flat[i]), _pairs(flat[i + 1]))
+                seconds = [Second.of(int(flat[i]), pairs(flat[i + 1]))
                            for i in range(0, len(flat), 2)]
                 return first, seconds, [json.loads(e) for e in raw_errors], True
         seconds = [s for s in self.seconds if first <= s.at <= last]
@@ -263,8 +260,9 @@ class History:
         tokens: list[int] = []
         queue: list[int] = []
         cache: list[float | None] = []
+        nothing = Second(0)  # read only: a second in which nothing happened
         for at in range(first, first + SECONDS):
-            second = by_second.get(at) or Second(at)
+            second = by_second.get(at, nothing)
             for outcome in OUTCOMES:
                 requests[outcome].append(second.counts.get(outcome, 0))
             p50.append(_round(quantile(second.ttfb, 0.5)))
@@ -278,10 +276,6 @@ class History:
                 "requests": requests, "ttfb_p50_ms": p50, "ttfb_p95_ms": p95,
                 "tokens_per_second": tokens, "queue_depth": queue,
                 "cache_hit_rate": cache, "errors": errors}
-
-
-def _pairs(flat: list[Any]) -> dict[str, Any]:
-    return {str(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
 
 
 def _round(value: float | None) -> float | None:

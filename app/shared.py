@@ -337,8 +337,14 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{new_id()[:6]}"
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
+    """A value Redis answered, as text (bytes decoded)."""
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def pairs(flat: Sequence[Any]) -> dict[str, Any]:
+    """HGETALL's flat answer (field, value, field, value...) as a dict."""
+    return {as_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
 
 
 class SharedTable:
@@ -488,7 +494,7 @@ class SharedDispatcher(Dispatcher):
         if not self.reachable:
             return super().has_room(state)
         capacity = _capacity(state)
-        return capacity < 0 or (capacity > 0 and self.in_use(state) < capacity)
+        return capacity < 0 or self.in_use(state) < capacity
 
     def acquire(self, key: str, eligible: Sequence[EndpointState], request_id: str = "",
                 wait: Wait | None = None, share: Share = ANYONE) -> Lease:
@@ -537,7 +543,7 @@ class SharedDispatcher(Dispatcher):
                 else:
                     found = self.table.command("HGET", self.table.key("w", lease_id),
                                                "endpoint")
-                    endpoint = _text(found) if found else None
+                    endpoint = as_text(found) if found else None
         except RedisDown as exc:
             self._down(exc)
             return super().acquire(key, eligible, request_id, wait, share)
@@ -570,7 +576,7 @@ class SharedDispatcher(Dispatcher):
         except RedisDown as exc:
             self._down(exc)
             return None
-        return _text(endpoint) if verdict == "granted" else None
+        return as_text(endpoint) if verdict == "granted" else None
 
     def _forget_waiter(self, lease_id: str) -> None:
         try:
@@ -585,7 +591,7 @@ class SharedDispatcher(Dispatcher):
 
     def _adopt_shared(self, lease_id: str, request_id: str, endpoint: Any,
                       share: Share) -> Lease:
-        name = _text(endpoint)
+        name = as_text(endpoint)
         state = self.states.get(name)
         if state is None:  # another host's endpoint under a name this one lacks
             self._release_shared(name, lease_id)
@@ -681,7 +687,7 @@ class SharedDispatcher(Dispatcher):
 
     def _log_reclaimed(self, reclaimed: Iterable[Any]) -> None:
         for entry in reclaimed or ():
-            lease_id, endpoint, request_id, worker = [*_text(entry).split("\t"), "", ""][:4]
+            lease_id, endpoint, request_id, worker = [*as_text(entry).split("\t"), "", ""][:4]
             self._reclaimed(Reclaimed(lease_id, endpoint, request_id, worker),
                             f"not renewed within {self.state_settings.lease_ttl:g} s "
                             f"(worker {worker or 'unknown'} stopped?)")
@@ -710,7 +716,7 @@ class SharedDispatcher(Dispatcher):
                 while not self._stopping:
                     message = pubsub.get_message(timeout=1.0)
                     if message is not None and message.get("type") == "message":
-                        self._granted(_text(message["data"]))
+                        self._granted(as_text(message["data"]))
             except self.table._errors as exc:
                 log.debug("shared state: grant listener reconnecting: %s", exc)
                 time.sleep(1.0)
@@ -743,7 +749,7 @@ class SharedDispatcher(Dispatcher):
         by_model = dict(local.by_model)
         longest_by_model = dict(local.longest_by_model)
         for i in range(0, len(flat), 3):
-            model = _text(flat[i])
+            model = as_text(flat[i])
             by_model[model] = by_model.get(model, 0) + int(flat[i + 1])
             waited = max(0.0, (int(now) - int(flat[i + 2])) / 1000)
             longest_by_model[model] = max(longest_by_model.get(model, 0.0), waited)

@@ -865,7 +865,7 @@ def sticky_stats(svc: Services) -> dict[str, Any]:
         "key_sources": list(settings.key_sources),
         "spill_after_ms": round(settings.spill_after * 1000),
         "outcomes": figures["outcomes"],
-        "shared": figures.get("shared", False),
+        "shared": figures["shared"],
         "cache_hit_rate": rate(int(cached_all), int(prompt_all)),
         "prompt_tokens": int(prompt_all),
         "cached_prompt_tokens": int(cached_all),

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from .concurrency import gevent_active, spawn
 from .config import StickySettings
 from .registry import Status, name_key
+from .shared import RedisDown, as_text, pairs
 
 if TYPE_CHECKING:
     from .shared import SharedTable
@@ -155,10 +156,10 @@ class LocalSessions:
         self.sessions.move_to_end(key)
         self._expire()
 
-    def count(self, outcome: str) -> None:
+    def count(self, outcome: str, n: int = 1) -> None:
         """Count an outcome that changes no pin (``hit``: the lookup already restarted its
         idle time; ``disabled``)."""
-        self.counts.outcomes[outcome] = self.counts.outcomes.get(outcome, 0) + 1
+        self.counts.outcomes[outcome] = self.counts.outcomes.get(outcome, 0) + n
 
     def flush(self) -> None:
         """Nothing to send: the counts are here."""
@@ -185,7 +186,7 @@ class LocalSessions:
         counts = self.counts
         return {"active_sessions": len(self.sessions), "insertions": counts.insertions,
                 "hits": counts.hits, "misses": counts.misses, "evictions": counts.evictions,
-                "outcomes": dict(counts.outcomes)}
+                "outcomes": dict(counts.outcomes), "shared": False}
 
 
 # Redis, under <key_prefix>:sticky: s = hash key -> endpoint, t = zset key -> last use (ms,
@@ -264,33 +265,27 @@ class RedisSessions:
 
     def __init__(self, settings: StickySettings, table: SharedTable,
                  fallback: LocalSessions) -> None:
-        from .shared import RedisDown
-
         self.settings = settings
         self.table = table
         self.fallback = fallback
-        self._down = RedisDown
         self._unsent: dict[str, int] = {}
         for name, body in (("sticky_lookup", LOOKUP), ("sticky_record", RECORD),
                            ("sticky_count", COUNT), ("sticky_purge", PURGE),
                            ("sticky_figures", FIGURES)):
             table.add_script(name, body)
 
-    def _run(self, name: str, *args: Any) -> Any:
-        return self.table.run(name, *args)
-
     def lookup(self, key: str) -> str | None:
         try:
-            found = self._run("sticky_lookup", key, self.settings.idle_ttl_seconds * 1000)
-        except self._down:
+            found = self.table.run("sticky_lookup", key, self.settings.idle_ttl_seconds * 1000)
+        except RedisDown:
             return self.fallback.lookup(key)
-        return _text(found) if found else None
+        return as_text(found) if found else None
 
     def record(self, key: str, endpoint: str, outcome: str) -> None:
         try:
-            self._run("sticky_record", key, endpoint, outcome,
+            self.table.run("sticky_record", key, endpoint, outcome,
                       self.settings.idle_ttl_seconds * 1000, self.settings.max_sessions)
-        except self._down:
+        except RedisDown:
             self.fallback.record(key, endpoint, outcome)
 
     def count(self, outcome: str) -> None:
@@ -305,36 +300,31 @@ class RedisSessions:
         if not unsent:
             return
         try:
-            self._run("sticky_count", *(x for pair in unsent.items() for x in pair))
-        except self._down:
+            self.table.run("sticky_count", *(x for pair in unsent.items() for x in pair))
+        except RedisDown:
             for outcome, n in unsent.items():
-                self.fallback.counts.outcomes[outcome] = (
-                    self.fallback.counts.outcomes.get(outcome, 0) + n)
+                self.fallback.count(outcome, n)
 
     def purge(self, endpoint: str) -> int:
         self.fallback.purge(endpoint)
         try:
-            return int(self._run("sticky_purge", endpoint))
-        except self._down:
+            return int(self.table.run("sticky_purge", endpoint))
+        except RedisDown:
             return 0
 
     def figures(self) -> dict[str, Any]:
         try:
-            active, flat = self._run("sticky_figures", self.settings.idle_ttl_seconds * 1000,
+            active, flat = self.table.run("sticky_figures", self.settings.idle_ttl_seconds * 1000,
                                      self.settings.max_sessions)
-        except self._down:
-            return {**self.fallback.figures(), "shared": False}
-        counts = {_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+        except RedisDown:
+            return self.fallback.figures()
+        counts = {field: int(value) for field, value in pairs(flat).items()}
         return {"active_sessions": int(active),
                 **{k: counts.get(k, 0) for k in ("insertions", "hits", "misses",
                                                  "evictions")},
                 "outcomes": {o: counts.get("outcome:" + o, 0) + self._unsent.get(o, 0)
                              for o in OUTCOMES},
                 "shared": True}
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 Store = LocalSessions | RedisSessions
