@@ -33,25 +33,25 @@ def _gate() -> Response | None:
             key = keys.find(presented)
             if key is None:
                 if limiter.active:
-                    limiter.admit(_address(), None)  # a flood of bad keys counts too
+                    limiter.admit(client_address(), None)  # a flood of bad keys counts too
                 raise NotAuthenticated(
                     "Missing API key: send it as Authorization: Bearer <key> or X-API-Key"
                     if presented is None else "Invalid API key")
             g.api_key = key
             g.share = Share(key.name, key.weight, key.max_concurrent)
         if limiter.active:
-            g.rate = limiter.admit(_address(), key)
+            g.rate = limiter.admit(client_address(), key)
     elif path == HEALTH:
         if svc.limiter.limits_health:
-            g.rate = svc.limiter.admit_health(_address())
+            g.rate = svc.limiter.admit_health(client_address())
     elif InternalPolicy.guards(path) and not svc.access.internal.allows(
-            path, _address(), presented_key(request.headers)):
+            path, client_address(), presented_key(request.headers)):
         raise Forbidden(f"Forbidden: {path} is open to the addresses in "
                         "server.internal_access.allowed_cidrs, or with its admin key")
     return None
 
 
-def _address() -> str:
+def client_address() -> str:
     """The client's address (behind trusted proxies, when so configured)."""
     return services().access.address.resolve(request.remote_addr or "", request.headers)
 

@@ -31,6 +31,7 @@ from ..payload import parse
 from ..services import services
 from ..stats import Exchange, TranslatorStats
 from ..sticky import SESSION_HEADER, SessionKey, session_key
+from .gate import client_address
 
 bp = Blueprint("proxy", __name__)
 
@@ -106,10 +107,15 @@ def _stamp(response: Response) -> Response:
     return response
 
 
+ERROR_BODY_READ = 64 * 1024  # bytes of an error answer read for its code, at most
+
+
 def _error_code(response: Response) -> str | None:
     """The ``code`` of an error answer (Anthropic's ``type`` on its routes), if it has
-    one; an error body is small, and only error answers are read."""
-    if response.is_streamed or response.mimetype != "application/json":
+    one. Only error answers are read, and only small ones: ours are, but an upstream's
+    relayed error may be up to ``proxy.max_response_size``."""
+    if (response.is_streamed or response.mimetype != "application/json"
+            or (response.content_length or 0) > ERROR_BODY_READ):
         return None
     try:
         error = json.loads(response.get_data()).get("error")
@@ -290,6 +296,7 @@ def _forward(subpath: str, route: Route, dialect: Dialect, body: bytes,
     gives everything back when it closes (also when its body is never iterated)."""
     svc = services()
     environ = request.environ
+    session_id = request.headers.get(SESSION_HEADER, "")
     forward = Forward(svc, ForwardRequest(
         route=subpath, dialect=dialect,
         path="/" + subpath + (("?" + request.query_string.decode("latin-1"))
@@ -298,7 +305,7 @@ def _forward(subpath: str, route: Route, dialect: Dialect, body: bytes,
         request_id=g.request_id, started=g.started,
         watch=disconnect.watch(environ) if route.watched else None,
         client_socket=environ.get("gunicorn.socket"), share=g.get("share", ANYONE),
-        session=_session(model, payload), session_id=request.headers.get(SESSION_HEADER, "")))
+        session=_session(model, payload, session_id), session_id=session_id))
     g.forward = forward
     environ[FORWARD_KEY] = forward  # for the WSGI guard, should anything escape Flask
     answer = forward.run()
@@ -312,14 +319,14 @@ def _forward(subpath: str, route: Route, dialect: Dialect, body: bytes,
     return response
 
 
-def _session(model: str | None, payload: dict[str, Any]) -> SessionKey | None:
+def _session(model: str | None, payload: dict[str, Any],
+             session_id: str) -> SessionKey | None:
     """The request's sticky session key, when sticky sessions are on."""
-    svc = services()
-    if svc.sticky is None:
+    sticky = services().sticky
+    if sticky is None:
         return None
-    address = svc.access.address.resolve(request.remote_addr or "", request.headers)
-    return session_key(svc.sticky.settings, model, request.headers.get(SESSION_HEADER, ""),
-                       payload, address, presented_key(request.headers))
+    return session_key(sticky.settings, model, session_id, payload, client_address(),
+                       presented_key(request.headers))
 
 
 def _inbound_headers() -> dict[str, str]:
