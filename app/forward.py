@@ -25,7 +25,7 @@ from urllib.parse import quote
 from . import assemble
 from .config import Timeouts
 from .dialect import Dialect
-from .dispatch import ANYONE, Share
+from .dispatch import ANYONE, Share, _wait
 from .errors import ClientDisconnected, NoEndpointAvailable, UpstreamError, UpstreamTimeout
 from .health import mark_failed
 from .leases import Lease
@@ -262,7 +262,7 @@ class Forward:
         deadline = time.monotonic() + seconds
         nap = threading.Event()  # never set: each wait is a nap the watch can cut short
         while (left := deadline - time.monotonic()) > 0 and not dispatcher.has_room(state):
-            (wait or _nap)(nap, min(left, ROOM_POLL))
+            (wait or _wait)(nap, min(left, ROOM_POLL))
 
     def _pass_over(self, why: str, mark: Status | None, ok: bool = False) -> None:
         """An attempt the request moves on from: not counted as the client's request, the
@@ -403,10 +403,6 @@ class Forward:
                     self.exchange.finish(ok=ok)
                 elif self.lease is not None:
                     self.svc.dispatcher.release(self.lease)
-
-
-def _nap(event: threading.Event, seconds: float) -> bool:
-    return event.wait(seconds)
 
 
 def shut_down(sock: Any) -> None:

@@ -9,7 +9,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from .registry import EndpointState
 
@@ -47,7 +47,8 @@ def find_timings(data: bytes) -> dict[str, Any] | None:
     return None
 
 
-def _count(value: Any) -> bool:
+def _count(value: Any) -> TypeGuard[int]:
+    """A token count: a non-negative integer (not a boolean)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
@@ -183,7 +184,7 @@ class Exchange:
         for found in (timings.get("cache_n"),
                       details.get("cached_tokens") if isinstance(details, dict) else None,
                       usage.get("cache_read_input_tokens")):
-            if isinstance(found, int) and _count(found):
+            if _count(found):
                 return found
         return None
 

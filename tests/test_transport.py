@@ -1057,7 +1057,7 @@ def test_interrupt_reaches_an_answer_that_will_close(
     with pytest.raises(UpstreamError) as caught:
         next(items)
     assert not isinstance(caught.value, UpstreamTimeout)
-    assert time.monotonic() - started < 2.0
+    expect_quickly(started, 2.0)
     thread.join(JOIN_WAIT)
     upstream.close()
 
@@ -1077,5 +1077,5 @@ def test_set_read_timeout_reaches_an_answer_that_will_close(
     started = time.monotonic()
     with pytest.raises(UpstreamTimeout):
         next(items)
-    assert time.monotonic() - started < 2.0
+    expect_quickly(started, 2.0)
     upstream.close()

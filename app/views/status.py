@@ -4,6 +4,7 @@ the version. GET only; the JSON is built in ``app.status``."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from flask import Blueprint, Response, g, request
@@ -143,6 +144,11 @@ def wrong_method() -> Response:
                            headers={"Allow": "GET, HEAD"})
 
 
-for _path in PATHS:
-    bp.add_url_rule(_path, "wrong_method" + _path.replace("/", "_"), wrong_method,
-                    methods=["POST", "PUT", "PATCH", "DELETE"])
+def answer_wrong_methods(blueprint: Blueprint, paths: Iterable[str]) -> None:
+    """Other methods on these GET routes: 405 JSON with ``Allow: GET, HEAD``."""
+    for path in paths:
+        blueprint.add_url_rule(path, "wrong_method" + path.replace("/", "_"), wrong_method,
+                               methods=["POST", "PUT", "PATCH", "DELETE"])
+
+
+answer_wrong_methods(bp, PATHS)

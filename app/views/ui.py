@@ -15,7 +15,7 @@ from flask import Blueprint, Response, redirect, request
 from .. import status
 from ..errors import RouteNotFound
 from ..services import services
-from .status import wrong_method
+from .status import answer_wrong_methods
 
 bp = Blueprint("ui", __name__)
 ASSETS = Path(__file__).resolve().parent.parent / "ui"
@@ -69,6 +69,5 @@ def _asset(name: str) -> Response:
     return response
 
 
-for _path in ("/internal/ui", "/internal/ui/", "/internal/ui/data", "/internal/ui/<name>"):
-    bp.add_url_rule(_path, "wrong_method" + _path.replace("/", "_"), wrong_method,
-                    methods=["POST", "PUT", "PATCH", "DELETE"])
+answer_wrong_methods(bp, ("/internal/ui", "/internal/ui/", "/internal/ui/data",
+                          "/internal/ui/<name>"))
