@@ -108,3 +108,19 @@ def test_queue_per_model_with_its_longest_wait(fleet: Flask) -> None:
     # Queued by the name as compared (no .gguf, lower case), shown by the fleet's name.
     assert rows["Nomic-Embed.gguf"]["depth"] == 2
     svc.dispatcher.queues.clear()
+
+
+def test_a_large_relayed_error_is_listed_without_reading_its_body(
+        fake: responses.RequestsMock, make_app: Callable[..., Flask]) -> None:
+    add_llamacpp(fake, CHAT_URL, "gemma")
+    fake.post(CHAT_URL + "/v1/chat/completions", status=400, json={
+        "error": {"code": 400, "message": "x" * 70_000, "type": "invalid_request_error"}})
+    fake.post(CHAT_URL + "/v1/chat/completions", status=400, json={
+        "error": {"code": 400, "message": "short", "type": "invalid_request_error"}})
+    app = make_app({"endpoints": [{"url": CHAT_URL, "name": "chat"}],
+                    "proxy": {"assemble_non_streamed": False}})
+    client = app.test_client()
+    assert chat(client, "gemma") == 400
+    assert chat(client, "gemma") == 400
+    errors = client.get("/internal/ui/data").get_json()["errors"]
+    assert [e["code"] for e in errors] == ["400", ""]  # newest first
