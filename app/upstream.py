@@ -14,12 +14,11 @@ import socket
 import ssl
 import struct
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from http.client import RemoteDisconnected
 from typing import Any
 
 import requests
-from requests.adapters import HTTPAdapter
+from requests.adapters import BaseAdapter, HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 from urllib3.connection import HTTPConnection
 from urllib3.exceptions import (
@@ -35,6 +34,15 @@ from urllib3.exceptions import TimeoutError as Urllib3TimeoutError
 from .concurrency import deadline
 from .config import CREDENTIAL_HEADERS, Endpoint, ProxySettings
 from .errors import UpstreamError, UpstreamTimeout, UpstreamTooLarge
+from .transport import (
+    Body,
+    ConnectFailed,
+    InvalidChunk,
+    Transport,
+    UpstreamClosed,
+    UpstreamReset,
+    build_response,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +80,9 @@ class UpstreamConnectError(UpstreamError):
 
 # A connection that was never made: the request cannot have reached the upstream.
 _NOT_CONNECTED = (NewConnectionError, ConnectTimeoutError, requests.ConnectTimeout,
-                  ConnectionRefusedError, socket.gaierror)
+                  ConnectionRefusedError, socket.gaierror, ConnectFailed)
+# What either transport raises for a failed exchange.
+_FAILURES = (requests.RequestException, Urllib3HTTPError, http.client.HTTPException, OSError)
 
 
 def request_headers(inbound: Mapping[str, str], endpoint: Endpoint) -> dict[str, str]:
@@ -102,12 +112,54 @@ def response_headers(upstream: Mapping[str, str]) -> list[tuple[str, str]]:
             if k.lower() not in drop and not k.lower().startswith(_NOT_RELAYED_PREFIXES)]
 
 
-@dataclass
+class _Urllib3Body:
+    """What ``Upstream`` reads through for a urllib3 response (``https`` endpoints, and the
+    fakes of the unit tests): its reads and its socket."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+
+    def read(self, at_most: int | None) -> bytes:
+        return self.raw.read(at_most, decode_content=False)  # type: ignore[no-any-return]
+
+    def chunks(self) -> Iterator[bytes]:
+        raw = self.raw
+        if raw.chunked:
+            yield from raw.read_chunked(READ_SIZE, decode_content=False)
+            return
+        while data := raw.read1(READ_SIZE, decode_content=False):
+            yield data
+
+    @property
+    def sock(self) -> Any:
+        """The connection's socket, or, for an answer that will close its connection
+        (close-delimited, or ``Connection: close``), which http.client detaches from the
+        connection, the one under the response's own reader."""
+        raw = self.raw
+        sock = getattr(getattr(raw, "_connection", None), "sock", None)
+        if sock is None:
+            reader = getattr(getattr(raw, "_fp", None), "fp", None)   # a BufferedReader
+            sock = getattr(getattr(reader, "raw", None), "_sock", None)  # its SocketIO's
+        return sock
+
+    def close(self) -> None:
+        raw = self.raw
+        if raw.closed:
+            raw.release_conn()
+        else:
+            raw.close()
+
+
 class Upstream:
     """An open upstream response; iterate it for raw body chunks, always close it."""
 
-    response: requests.Response
-    interrupted: bool = False
+    __slots__ = ("_body", "interrupted", "response")
+
+    def __init__(self, response: requests.Response) -> None:
+        self.response = response
+        raw = response.raw
+        self._body: Body | _Urllib3Body = raw if isinstance(raw, Body) else _Urllib3Body(raw)
+        self.interrupted = False
 
     @property
     def status(self) -> int:
@@ -127,56 +179,39 @@ class Upstream:
         """The whole body, as sent: not decompressed, since its Content-Encoding is relayed
         too. UpstreamTooLarge past ``limit`` bytes (the rest is never read)."""
         try:
-            if limit is None:
-                return self.response.raw.read(decode_content=False)  # type: ignore[no-any-return]
-            declared = self.response.headers.get("Content-Length", "")
-            if declared.isdigit():
-                if int(declared) > limit:
+            at_most = None
+            if limit is not None:
+                declared = self.response.headers.get("Content-Length", "")
+                if not declared.isdigit():
+                    at_most = limit + 1
+                elif int(declared) > limit:
                     raise _too_large(limit)
-                # Read as a whole: a body cut short of its length is an error then.
-                return self.response.raw.read(decode_content=False)  # type: ignore[no-any-return]
-            body: bytes = self.response.raw.read(limit + 1, decode_content=False)
-            if len(body) > limit:
+                # else read as a whole: a body cut short of its length is an error then.
+            body = self._body.read(at_most)
+            if limit is not None and len(body) > limit:
                 raise _too_large(limit)
             return body
-        except (requests.RequestException, Urllib3HTTPError, OSError) as exc:
+        except _FAILURES as exc:
             raise _translate(exc) from exc
         finally:
             self.close()
 
     def chunks(self) -> Iterator[bytes]:
-        """Raw body chunks as they arrive, undecoded: one per upstream HTTP chunk (a large
-        one in pieces of at most ``READ_SIZE``), or, for a body without chunked framing
-        (close-delimited, or with a length), whatever the socket has, never waiting to fill
-        a buffer while a stream's events are ready to go on."""
-        raw = self.response.raw
+        """Raw body chunks as they arrive, undecoded: whatever has arrived at each read (a
+        urllib3 response: one per upstream HTTP chunk), at most ``READ_SIZE`` bytes, never
+        waiting to fill a buffer while a stream's events are ready to go on."""
         try:
-            if raw.chunked:
-                yield from raw.read_chunked(READ_SIZE, decode_content=False)
-                return
-            while data := raw.read1(READ_SIZE, decode_content=False):
-                yield data
-        except (requests.RequestException, Urllib3HTTPError, OSError) as exc:
+            yield from self._body.chunks()
+        except _FAILURES as exc:
             raise _translate(exc) from exc
         if self.interrupted:
             # A body ended by its connection's close looks complete when interrupt() shut
             # the socket down: it was cut, not finished.
             raise UpstreamError("upstream read interrupted")
 
-    def _socket(self) -> Any:
-        """The response's socket: its connection's, or, for an answer that will close its
-        connection (close-delimited, or ``Connection: close``), which http.client detaches
-        from the connection, the one under the response's own reader."""
-        raw = self.response.raw
-        sock = getattr(getattr(raw, "_connection", None), "sock", None)
-        if sock is None:
-            reader = getattr(getattr(raw, "_fp", None), "fp", None)   # a BufferedReader
-            sock = getattr(getattr(reader, "raw", None), "_sock", None)  # its SocketIO's
-        return sock
-
     def set_read_timeout(self, seconds: float) -> None:
         """The longest wait for the next bytes of this response from now on."""
-        sock = self._socket()
+        sock = self._body.sock
         if sock is not None:
             sock.settimeout(seconds)
 
@@ -185,7 +220,7 @@ class Upstream:
         the socket down (closing the reader under it is not safe); the reader's own close
         then resets the connection."""
         self.interrupted = True
-        sock = self._socket()
+        sock = self._body.sock
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -193,12 +228,8 @@ class Upstream:
     def close(self) -> None:
         """Close the response: a fully read body returns its connection to the pool, a
         half-read one closes it, so the upstream sees the disconnect at once."""
-        raw = self.response.raw
-        if raw is not None:
-            if raw.closed:
-                raw.release_conn()
-            else:
-                raw.close()
+        if self.response.raw is not None:
+            self._body.close()
         self.response.close()
 
 
@@ -228,6 +259,8 @@ def _closed_under_us(exc: BaseException) -> bool:
 # upstream's host, port, path or query (those are in the log line, for the operator).
 _REASONS: tuple[tuple[type[BaseException], str], ...] = (
     (ConnectionRefusedError, "connection refused"),
+    (UpstreamClosed, "the upstream closed the connection"),
+    (UpstreamReset, "connection reset by the upstream"),
     (socket.gaierror, "host name not found"),
     (ssl.SSLError, "TLS handshake or certificate failed"),
     (RemoteDisconnected, "the upstream closed the connection"),
@@ -238,6 +271,7 @@ _REASONS: tuple[tuple[type[BaseException], str], ...] = (
     (requests.Timeout, "timed out"),
     (Urllib3TimeoutError, "timed out"),
     (InvalidChunkLength, "invalid chunked encoding"),
+    (InvalidChunk, "invalid chunked encoding"),
     (http.client.HTTPException, "invalid HTTP answer"),
     (ProtocolError, "invalid HTTP answer"),
     (OSError, "network error"),
@@ -255,7 +289,7 @@ def reason(exc: BaseException) -> str:
 
 
 def _translate(exc: BaseException, answered: bool = True) -> UpstreamError:
-    """Map requests/urllib3 errors to ours. Before the upstream answered (``answered``
+    """Map the transports' errors to ours. Before the upstream answered (``answered``
     False), a refused, reset or timed-out connection is an UpstreamConnectError: nothing
     reached the client, so another endpoint may take the request."""
     log.debug("upstream exchange failed: %r", exc)
@@ -263,7 +297,8 @@ def _translate(exc: BaseException, answered: bool = True) -> UpstreamError:
     if isinstance(exc, (requests.ReadTimeout, ReadTimeoutError, TimeoutError)) \
             and not isinstance(exc, requests.ConnectTimeout):
         return UpstreamTimeout("upstream did not answer in time")
-    if not answered and isinstance(exc, (requests.ConnectionError, ProtocolError, OSError)):
+    if not answered and isinstance(exc, (requests.ConnectionError, ProtocolError, OSError,
+                                         http.client.HTTPException)):
         reached = not any(isinstance(e, _NOT_CONNECTED) for e in _chain(exc))
         return UpstreamConnectError(f"upstream is not reachable: {why}", reached=reached)
     return UpstreamError(f"upstream connection failed: {why}")
@@ -287,17 +322,8 @@ class _Adapter(HTTPAdapter):
         super().init_poolmanager(*args, **kwargs)
 
     def build_response(self, req: requests.PreparedRequest, resp: Any) -> requests.Response:
-        """requests' own, less the cookie parsing and charset guessing the proxy never uses
-        (it relays raw bytes and headers)."""
-        response = requests.Response()
-        response.status_code = resp.status
-        response.headers = CaseInsensitiveDict(resp.headers)
-        response.raw = resp
-        response.reason = resp.reason
-        response.url = req.url or ""
-        response.request = req
-        response.connection = self
-        return response
+        """requests' own, less what a proxy never uses (``transport.build_response``)."""
+        return build_response(self, req, resp)
 
 
 def _prepare(method: str, url: str, headers: Mapping[str, str] | None,
@@ -317,31 +343,35 @@ def _prepare(method: str, url: str, headers: Mapping[str, str] | None,
 
 
 class UpstreamPool:
-    """One pool of keep-alive connections per endpoint (requests' transport adapter, called
-    directly: no session-level cookies, default headers or environment proxies, which a
-    proxy shared by every client must not have), with explicit (connect, read) timeouts."""
+    """One pool of keep-alive connections per endpoint, with explicit (connect, read)
+    timeouts, behind requests' transport adapter interface (called directly: no
+    session-level cookies, default headers or environment proxies, which a proxy shared by
+    every client must not have). ``http`` endpoints go through ``transport.Transport``;
+    ``https`` ones (and every one with ``via_urllib3``, as before it) through urllib3."""
 
-    def __init__(self, endpoints: tuple[Endpoint, ...], proxy: ProxySettings) -> None:
+    def __init__(self, endpoints: tuple[Endpoint, ...], proxy: ProxySettings, *,
+                 via_urllib3: bool = False) -> None:
         self.timeout = (proxy.connection_timeout, proxy.read_timeout)
-        self._adapters = {e.name: _Adapter(pool_connections=1, pool_maxsize=POOL_SIZE,
-                                           max_retries=0) for e in endpoints}
+        self._adapters: dict[str, BaseAdapter] = {
+            e.name: _Adapter(pool_connections=1, pool_maxsize=POOL_SIZE, max_retries=0)
+            if via_urllib3 or not e.url.startswith("http://") else Transport(POOL_SIZE)
+            for e in endpoints}
 
     def open(self, endpoint: Endpoint, method: str, path: str, *, body: bytes | None = None,
              headers: Mapping[str, str] | None = None,
              timeout: tuple[float, float] | None = None) -> Upstream:
         """Send a request and return once the upstream's status and headers have arrived."""
-        # The session's own transport, called directly: Session.send would only add hooks,
-        # cookie handling and redirect bookkeeping the proxy does not use.
         adapter = self._adapters[endpoint.name]
         prepared = _prepare(method, endpoint.join(path), headers, body)
         for attempt in (1, 2):
             try:
                 response = adapter.send(prepared, stream=True, timeout=timeout or self.timeout)
-            except (requests.RequestException, Urllib3HTTPError, OSError) as exc:
+            except _FAILURES as exc:
                 if attempt == 1 and _closed_under_us(exc):
                     # llama-server closes idle keep-alive connections (after 5 s); one can
                     # close just as a request is sent on it, before any answer. Nothing ran:
-                    # send it again on a fresh connection.
+                    # send it again on a fresh connection. (``Transport`` does this itself,
+                    # for reused connections only, and raises nothing this matches.)
                     continue
                 raise _translate(exc, answered=False) from exc
             return Upstream(response)

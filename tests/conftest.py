@@ -36,8 +36,10 @@ def props_doc(model_path: str, total_slots: int = 2) -> dict[str, Any]:
 
 @pytest.fixture
 def fake() -> Iterator[responses.RequestsMock]:
-    """`responses` in strict mode: every registered upstream call must be made."""
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+    """`responses` faking the upstreams: it stands in for the transport adapter the pool
+    sends through (``app.transport.Transport``; urllib3's would be ``HTTPAdapter.send``)."""
+    with responses.RequestsMock(assert_all_requests_are_fired=False,
+                                target="app.transport.Transport.send") as mock:
         yield mock
 
 
