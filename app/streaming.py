@@ -92,17 +92,20 @@ def merged_timings(first: bytes | None, last: bytes) -> dict[str, Any] | None:
 class Source:
     """The upstream's chunks, readable with a timeout.
 
-    Under gevent a reader greenlet fetches the first chunk, so that the relay can wake up
-    for keepalives while llama.cpp processes the prompt. After it, chunks are read in place
-    with the socket's timeout set to the relay's deadline: a greenlet and a queue hop per
-    chunk would double the cost of relaying a token.
+    A body whose reads can time out and go on (``Upstream.resumable``, the http transport)
+    is read in place, the socket's timeout set to the relay's next wake-up, keepalives
+    included. Otherwise (urllib3's reader, which a timeout leaves broken), under gevent a
+    reader greenlet fetches the first chunk, so that the relay can wake up for keepalives
+    while llama.cpp processes the prompt; after it, chunks are read in place with the
+    socket's timeout set to the relay's deadline.
     """
 
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
-        self._iterator = upstream.chunks()
+        self._resumable = upstream.resumable
+        self._iterator = iter(()) if self._resumable else upstream.chunks()
         self._greenlet: Any = None
-        if gevent_active():
+        if gevent_active() and not self._resumable:
             import gevent
             from gevent.queue import Queue
 
@@ -112,6 +115,8 @@ class Source:
     def _read(self) -> Any:
         """The next non-empty chunk, END or an UpstreamError."""
         try:
+            if self._resumable:
+                return self.upstream.next_chunk() or END
             for chunk in self._iterator:
                 if chunk:
                     return chunk

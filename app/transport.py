@@ -145,31 +145,38 @@ class Body:
         self.closed = False
 
     def chunks(self) -> Iterator[bytes]:
-        """Everything that has arrived at each read: at most ``READ_SIZE`` bytes, never
-        waiting for more once something is there. Ends at the body's end (a close ends a
-        body with neither length nor chunked framing); an ``InvalidAnswer`` when the
-        connection closes before the end."""
+        """Everything that has arrived at each read, until the body's end (``next_piece``)."""
+        while piece := self.next_piece():
+            yield piece
+
+    def next_piece(self) -> bytes:
+        """Everything of the body that has arrived, at most ``READ_SIZE`` bytes, waiting
+        (up to the socket's timeout) only when nothing has; b"" at the body's end (a close
+        ends a body with neither length nor chunked framing). An ``InvalidAnswer`` when the
+        connection closes before the end. A timeout leaves the body as it was: it can be
+        read on (a stream's relay waits for its first token in slices, with keepalives)."""
         answer = self._answer
         if self._left:
             left, self._left = self._left, b""
-            yield left
+            return left
         while True:
             if answer.pieces:
                 pieces, answer.pieces = answer.pieces, []
-                yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                return pieces[0] if len(pieces) == 1 else b"".join(pieces)
             if answer.error is not None:
                 self._finish(reusable=False)
                 raise answer.error
             if answer.complete:
                 self._finish(reusable=not answer.dirty and answer.keep_alive)
-                return
+                return b""
             if self.sock is None:
                 raise InvalidAnswer("the answer was closed before its end")
             data = self.sock.recv(READ_SIZE)
             if not data:
                 if not self._length_known:
-                    self._finish(reusable=False)
-                    return
+                    answer.complete = True      # a close-delimited body's end
+                    answer.keep_alive = False
+                    continue
                 raise InvalidAnswer("the upstream closed the connection before the end")
             _feed(answer, data)
 

@@ -209,6 +209,24 @@ class Upstream:
             # the socket down: it was cut, not finished.
             raise UpstreamError("upstream read interrupted")
 
+    @property
+    def resumable(self) -> bool:
+        """Whether ``next_chunk`` may be called: the body's reads can time out and go on
+        (``transport.Body``; urllib3's chunked reader cannot resume after a timeout)."""
+        return isinstance(self._body, Body)
+
+    def next_chunk(self) -> bytes:
+        """What has arrived of the body (b"" at its end), waiting at most the read timeout:
+        UpstreamTimeout then, and the body can be read on. Only when ``resumable``."""
+        assert isinstance(self._body, Body)
+        try:
+            data = self._body.next_piece()
+        except _FAILURES as exc:
+            raise _translate(exc) from exc
+        if not data and self.interrupted:
+            raise UpstreamError("upstream read interrupted")
+        return data
+
     def set_read_timeout(self, seconds: float) -> None:
         """The longest wait for the next bytes of this response from now on."""
         sock = self._body.sock

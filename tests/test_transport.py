@@ -1057,6 +1057,40 @@ def test_timeout_between_chunks_via_set_read_timeout(rig: Callable[[Script], Rig
     upstream.close()
 
 
+def test_a_read_that_timed_out_goes_on(rig: Callable[[Script], Rig]) -> None:
+    """The relay waits for a stream's first token in slices (a keepalive comment between
+    them): on the http transport a timed-out read leaves the body intact."""
+    gates: list[threading.Event] = []
+
+    def script(ex: Exchange) -> bool:
+        ex.send(CHUNKED_HEAD)
+        if ex.wait(gates[0]):
+            ex.send(chunk(b"data: late\n\n") + b"0\r\n\r\n")
+        return True
+
+    r = rig(script)
+    gates.append(r.server.gate())
+    upstream = r.open(timeout=(1.0, 5.0))
+    if r.old:
+        assert upstream.resumable is False     # urllib3's chunked reader cannot go on
+        gates[0].set()
+        assert b"".join(upstream.chunks()) == b"data: late\n\n"
+        upstream.close()
+        return
+    assert upstream.resumable is True
+    for _ in range(2):
+        upstream.set_read_timeout(0.1)
+        with pytest.raises(UpstreamTimeout):
+            upstream.next_chunk()
+    gates[0].set()
+    upstream.set_read_timeout(2.0)
+    assert upstream.next_chunk() == b"data: late\n\n"
+    assert upstream.next_chunk() == b""
+    upstream.close()
+    assert r.open().status == 200
+    assert r.server.connections == 1       # read to its end: the connection was kept
+
+
 # --- interrupt() from another thread -------------------------------------------------------
 
 def interrupt_soon(upstream: Upstream, after: float = 0.2) -> threading.Thread:
