@@ -19,8 +19,8 @@ new connection) to the first body byte, the first ``data:`` of the answer; gaps 
 times between consecutive content events of a stream, as the client receives them.
 
 Prints a Markdown table (each figure also as a ratio to the direct run, the proxy's also to
-nginx's), the CPU each
-process used, and whether the proxy meets its targets; writes everything as JSON to
+nginx's), the CPU each process used, and whether the proxy meets its targets; writes
+everything as JSON to
 ``bench/results/bench-<timestamp>.json``. Needs gcc, nginx and wrk. The machine should be
 otherwise idle: it waits (``--wait-quiet``) for other processes to leave the cores alone, and
 measures a run again (``--retry-noisy``) when they did not. ``--profile`` then samples the
