@@ -93,11 +93,17 @@ class Source:
     """The upstream's chunks, readable with a timeout.
 
     A body whose reads can time out and go on (``Upstream.resumable``, the http transport)
-    is read in place, the socket's timeout set to the relay's next wake-up, keepalives
-    included. Otherwise (urllib3's reader, which a timeout leaves broken), under gevent a
-    reader greenlet fetches the first chunk, so that the relay can wake up for keepalives
-    while llama.cpp processes the prompt; after it, chunks are read in place with the
-    socket's timeout set to the relay's deadline.
+    is read in place. Until its first chunk the socket's timeout is set to the relay's next
+    wake-up, keepalives included. After it, under gevent, the socket waits without a
+    timeout of its own and one timer per stream watches the relay's deadline: gevent would
+    otherwise start and stop a timer for every wait, a fifth of what relaying an event
+    costs. The timer fires about once per ``read_timeout``; a read still waiting past the
+    deadline is then cut (the socket shut down) and reported as TIMEOUT.
+
+    Otherwise (urllib3's reader, which a timeout leaves broken), under gevent a reader
+    greenlet fetches the first chunk, so that the relay can wake up for keepalives while
+    llama.cpp processes the prompt; after it, chunks are read in place with the socket's
+    timeout set to the relay's deadline.
     """
 
     def __init__(self, upstream: Upstream) -> None:
@@ -105,6 +111,11 @@ class Source:
         self._resumable = upstream.resumable
         self._iterator = iter(()) if self._resumable else upstream.chunks()
         self._greenlet: Any = None
+        self._watched = False      # reads are timed by the watchdog below
+        self._watch: Any = None    # its timer
+        self._until = 0.0          # the deadline of the read under way (perf_counter)
+        self._reading = False
+        self._timed_out = False
         if gevent_active() and not self._resumable:
             import gevent
             from gevent.queue import Queue
@@ -140,10 +151,47 @@ class Source:
                 return TIMEOUT
             self._greenlet = None  # it has finished: from now on, read in place
             return item
+        if self._watched and math.isfinite(timeout):
+            return self._next_watched(timeout)
         if math.isfinite(timeout):
             self.upstream.set_read_timeout(max(timeout, 0.001))
         item = self._read()
+        if self._resumable and isinstance(item, bytes) and gevent_active():
+            self._watched = True
+            self.upstream.set_read_timeout(None)
         return TIMEOUT if isinstance(item, UpstreamTimeout) else item
+
+    def _next_watched(self, timeout: float) -> Any:
+        self._until = time.perf_counter() + timeout
+        if self._watch is None or not self._watch.active:
+            self._arm(max(timeout, 0.001))
+        self._reading = True
+        try:
+            item = self._read()
+        finally:
+            self._reading = False
+        if self._timed_out and isinstance(item, UpstreamError):
+            return TIMEOUT
+        return item
+
+    def _arm(self, seconds: float) -> None:
+        import gevent
+
+        self._watch = gevent.get_hub().loop.timer(seconds)
+        self._watch.start(self._check)
+
+    def _check(self) -> None:
+        """The watchdog's round (in the hub, so it never blocks): a read waiting past its
+        deadline is cut; an earlier deadline has moved on (a chunk came): wait for it.
+        Between reads it stops; the next read starts it again."""
+        if not self._reading:
+            return
+        left = self._until - time.perf_counter()
+        if left > 0:
+            self._arm(left)
+            return
+        self._timed_out = True
+        self.upstream.interrupt()
 
     def close(self) -> None:
         """Stop reading and close the upstream (a half-read stream is aborted). The reader
@@ -151,6 +199,9 @@ class Source:
         if self._greenlet is not None:
             self._greenlet.kill(block=True, timeout=1.0)
             self._greenlet = None
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
         self.upstream.close()
 
 

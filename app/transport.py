@@ -23,7 +23,7 @@ import struct
 from collections.abc import Iterator, Mapping
 from http.client import HTTPException
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httptools
 import requests
@@ -35,6 +35,7 @@ READ_SIZE = 64 * 1024          # most bytes read from a socket at once
 MAX_HEADERS = 99               # header fields in an answer (http.client's limit, kept)
 MAX_LINE = 65536               # bytes of one header line (http.client's limit, kept)
 _LINGER_RESET = struct.pack("ii", 1, 0)
+_PATH_SAFE = "/:@!$&'()*+,;=%~"      # RFC 3986 pchar (and "%" of escapes already made)
 
 
 class InvalidAnswer(HTTPException):
@@ -244,7 +245,11 @@ def _head(method: str, target: str, host: str, headers: Mapping[str, str]) -> by
         # As http.client asks: the proxy relays (and reads) bodies as they are sent.
         lines.append("Accept-Encoding: identity")
     lines += ["", ""]
-    return "\r\n".join(lines).encode("latin-1")
+    text = "\r\n".join(lines)
+    if text.count("\n") != len(lines) - 1 or text.count("\r") != len(lines) - 1:
+        # As http.client refuses: a line break in a value would start a header of its own.
+        raise ValueError("a request header holds a line break")
+    return text.encode("latin-1")
 
 
 class Transport(BaseAdapter):
@@ -268,8 +273,12 @@ class Transport(BaseAdapter):
             parts = urlsplit(url)
             if parts.scheme != "http" or not parts.hostname:
                 raise ValueError(f"not an http:// URL: {url!r}")
-            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            found = (parts.netloc, parts.hostname, parts.port or 80, target)
+            # Characters a request target may not carry are percent-encoded, as urllib3
+            # does: a client's decoded path may hold a space or non-ASCII text.
+            target = quote(parts.path or "/", safe=_PATH_SAFE) + (
+                f"?{quote(parts.query, safe=_PATH_SAFE + '?')}" if parts.query else "")
+            # The Host header never carries a URL's user:password@ part.
+            found = (parts.netloc.rpartition("@")[2], parts.hostname, parts.port or 80, target)
             if len(self._targets) < 4096:
                 self._targets[url] = found
         return found

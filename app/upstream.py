@@ -227,8 +227,9 @@ class Upstream:
             raise UpstreamError("upstream read interrupted")
         return data
 
-    def set_read_timeout(self, seconds: float) -> None:
-        """The longest wait for the next bytes of this response from now on."""
+    def set_read_timeout(self, seconds: float | None) -> None:
+        """The longest wait for the next bytes of this response from now on (None: no
+        limit of the socket's own)."""
         sock = self._body.sock
         if sock is not None:
             sock.settimeout(seconds)

@@ -276,6 +276,21 @@ def test_the_request_goes_out_as_given(rig: Callable[[Script], Rig]) -> None:
     assert set(headers) == added
 
 
+def test_a_target_with_a_space_or_non_ascii_is_percent_encoded(
+        rig: Callable[[Script], Rig]) -> None:
+    r = rig(answering(response()))
+    r.open("GET", "/v1/models/a b/\u00e9%41?q=x y&r=\u00e9").read()
+    assert r.server.requests[0].split(b"\r\n")[0] == \
+        b"GET /v1/models/a%20b/%C3%A9%41?q=x%20y&r=%C3%A9 HTTP/1.1"
+
+
+def test_a_header_value_with_a_line_break_is_refused(rig: Callable[[Script], Rig]) -> None:
+    r = rig(answering(response()))
+    with pytest.raises(ValueError):
+        r.open("GET", "/x", headers={"X-A": "1\r\nX-Injected: yes"})
+    assert r.server.requests == []
+
+
 def test_a_get_without_body_has_no_content_length(rig: Callable[[Script], Rig]) -> None:
     r = rig(answering(response()))
     r.open("GET", "/health").read()

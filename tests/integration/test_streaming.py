@@ -197,3 +197,30 @@ def test_stream_broken_before_its_first_byte_fails_over(
         assert len(dying.requests) == 1 and len(gated.requests) == 1
     finally:
         dying.stop()
+
+
+def test_a_stream_longer_than_its_read_timeout_is_not_cut(
+        start_proxy: Callable[..., Proxy]) -> None:
+    """The gap deadline is watched by one timer per stream (app/streaming.py, Source): it
+    fires while events keep coming, and must then wait on, not cut the stream."""
+    from .scripted_upstream import MODEL as SCRIPTED_MODEL
+    from .scripted_upstream import ScriptedUpstream
+
+    upstream = ScriptedUpstream().start()
+    try:
+        proxy = start_proxy({"endpoints": [{"url": upstream.url, "name": "ticks",
+                                            "read_timeout": "300ms"}]})
+        started = time.monotonic()
+        with requests.post(f"{proxy.url}/olla/llamacpp/v1/chat/completions", stream=True,
+                           timeout=10, json={
+                               "model": SCRIPTED_MODEL, "stream": True,
+                               "messages": [{"role": "user", "content": "hi"}],
+                               "x_script": "ticks", "x_n": 12, "x_interval": 0.1}) as response:
+            assert response.status_code == 200
+            events = [line for line in sse_lines(response) if line.startswith(b"data: ")]
+        assert time.monotonic() - started >= 1.1        # 12 events 0.1 s apart
+        assert events[-1] == b"data: [DONE]"
+        assert not any(b'"error"' in event for event in events)
+        assert len(events) >= 13
+    finally:
+        upstream.stop()
