@@ -122,6 +122,9 @@ def _feed(answer: _Answer, data: bytes) -> None:
             else InvalidAnswer(str(exc))
     if not answer.head_done:
         raise error
+    if answer.complete:
+        answer.dirty = True       # junk after a whole answer: only the connection is lost
+        return
     answer.error = error
 
 

@@ -35,6 +35,7 @@ from .concurrency import deadline
 from .config import CREDENTIAL_HEADERS, Endpoint, ProxySettings
 from .errors import UpstreamError, UpstreamTimeout, UpstreamTooLarge
 from .transport import (
+    READ_SIZE,
     Body,
     ConnectFailed,
     InvalidChunk,
@@ -59,7 +60,6 @@ _NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect", "accept-encod
 _NOT_RELAYED = HOP_BY_HOP | {"content-length", "server", "date"}
 _NOT_RELAYED_PREFIXES = ("x-olla-", "access-control-")
 POOL_SIZE = 1024
-READ_SIZE = 64 * 1024        # most bytes of a body read at once
 POLL_LIMIT = 16 * 1024 * 1024   # bytes of a probe's or poll's answer (/props, /slots...)
 
 

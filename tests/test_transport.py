@@ -673,6 +673,21 @@ def test_every_kept_connection_closed_while_idle(rig: Callable[[Script], Rig]) -
     assert len(r.server.requests) <= 3 + 2 * 3
 
 
+def test_junk_after_a_whole_answer_costs_only_the_connection(
+        rig: Callable[[Script], Rig]) -> None:
+    def script(ex: Exchange) -> bool:
+        if ex.connection == 1:
+            ex.send(response(b"whole") + b"\x00garbage that is no answer\r\n\r\n")
+            return False
+        ex.send(response(b"next"))
+        return True
+
+    r = rig(script)
+    assert r.open().read() == b"whole"
+    assert r.open().read() == b"next"
+    assert r.server.connections == 2       # the first connection was not reused
+
+
 # --- 1xx informational answers -------------------------------------------------------------
 
 def test_100_continue_before_the_answer_is_skipped(rig: Callable[[Script], Rig]) -> None:
