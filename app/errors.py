@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import socket
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -161,19 +162,41 @@ def json_error(status: int, message: str, type_: str, code: str,
 
 
 def _from_proxy_error(exc: ProxyError) -> Response:
+    response = json_error(exc.status, exc.message, exc.type, exc.code, exc.headers)
     if isinstance(exc, RequestTimeout):
-        stop_reading(request.environ)
-    return json_error(exc.status, exc.message, exc.type, exc.code, exc.headers)
+        stop_reading(request.environ, response)
+    return response
 
 
-def stop_reading(environ: Mapping[str, Any]) -> None:
-    """Read nothing more from this client: after a body that was not (or not all) read,
-    the connection closes once the answer is written, instead of gunicorn reading the rest
-    of the body to reach a next request."""
+LINGER = 1.0   # seconds a connection is drained after an answer that leaves a body unread
+
+
+def stop_reading(environ: Mapping[str, Any], response: Response) -> None:
+    """Read nothing more from this client once ``response`` is written: after a body that
+    was not (or not all) read, the connection closes instead of gunicorn reading the rest
+    of the body to reach a next request. The close lingers, as nginx's does: the answer is
+    ended with a FIN, what the client still sends is read and dropped for up to ``LINGER``
+    seconds (or until it closes), and only then is the socket closed. Closing at once, with
+    the client's bytes unread, sends a reset that can destroy the answer before the client
+    has read it."""
     sock = environ.get("gunicorn.socket")
     if sock is not None:
+        response.call_on_close(lambda: _linger(sock))
+
+
+def _linger(sock: Any) -> None:
+    deadline = time.monotonic() + LINGER
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            if not sock.recv(65536):
+                break
+    except OSError:
+        pass   # the client is gone, or LINGER ran out
+    finally:
         with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RD)
+            sock.shutdown(socket.SHUT_RD)   # gunicorn's next read ends the connection
 
 
 _HTTP_CODES = {400: ("invalid_request_error", "invalid_parameter"),
@@ -190,8 +213,9 @@ def _from_http_exception(exc: HTTPException) -> Response:
     if status == 413:
         message = (f"Request body too large: at most {current_app.config['MAX_CONTENT_LENGTH']}"
                    " bytes are accepted (server.request_limits.max_body_size)")
-        stop_reading(request.environ)
     response = json_error(status, message, type_, code)
+    if status == 413:
+        stop_reading(request.environ, response)
     if status == 405 and exc.response is None:
         allow = getattr(exc, "valid_methods", None)
         if allow:
