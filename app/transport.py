@@ -140,13 +140,11 @@ class Body:
         self.sock: socket.socket | None = sock
         self._answer = answer
         self._left = b""          # what read(amount) took from a piece and did not return
-        self.chunked = answer.chunked
         if empty:                 # HEAD: whatever the headers say, nothing follows
             answer.pieces = []
             answer.complete = True
-        self._length_known = answer.complete or self.chunked or any(
+        self._length_known = answer.complete or answer.chunked or any(
             name.lower() == b"content-length" for name, value in answer.headers)
-        self.closed = False
 
     def chunks(self) -> Iterator[bytes]:
         """Everything that has arrived at each read, until the body's end (``next_piece``)."""
@@ -200,7 +198,6 @@ class Body:
 
     def _finish(self, *, reusable: bool) -> None:
         sock, self.sock = self.sock, None
-        self.closed = True
         if sock is None:
             return
         if reusable:
@@ -218,20 +215,27 @@ class Body:
         self._finish(reusable=answer.complete and answer.keep_alive and not answer.dirty)
 
 
+def _response(adapter: BaseAdapter, request: requests.PreparedRequest, status: int,
+              headers: CaseInsensitiveDict[str], raw: Any,
+              reason: str | None = None) -> requests.Response:
+    response = requests.Response()
+    response.status_code = status
+    response.headers = headers
+    response.raw = raw
+    response.reason = reason  # type: ignore[assignment]  # requests types it narrowly
+    response.url = request.url or ""
+    response.request = request
+    response.connection = adapter  # type: ignore[assignment]
+    return response
+
+
 def build_response(adapter: BaseAdapter, request: requests.PreparedRequest,
                    raw: Any) -> requests.Response:
     """A ``requests.Response`` for a urllib3-style response ``raw``: requests' own
     ``HTTPAdapter.build_response`` less the cookie parsing and charset guessing a proxy
     never uses (it relays raw bytes and headers)."""
-    response = requests.Response()
-    response.status_code = raw.status
-    response.headers = CaseInsensitiveDict(raw.headers)
-    response.raw = raw
-    response.reason = raw.reason
-    response.url = request.url or ""
-    response.request = request
-    response.connection = adapter  # type: ignore[assignment]  # requests types it narrowly
-    return response
+    return _response(adapter, request, raw.status, CaseInsensitiveDict(raw.headers), raw,
+                     raw.reason)
 
 
 def _timeouts(timeout: Any) -> tuple[float | None, float | None]:
@@ -342,24 +346,19 @@ class Transport(BaseAdapter):
                     # answered, so it goes again, once, on a new connection.
                     idle = None
                     continue
-                failed = UpstreamReset(exc.why) if exc.reset else UpstreamClosed(exc.why)
+                failed = (UpstreamReset if exc.reset else UpstreamClosed)(str(exc))
             except BaseException:
                 sock.close()
                 raise
             # Raised outside the handler, so that nothing above takes the cause for a
             # stale kept-alive connection and sends the request a third time.
             raise failed
-        response = requests.Response()
-        response.status_code = answer.status
         headers: CaseInsensitiveDict[str] = CaseInsensitiveDict()
         for raw_name, raw_value in answer.headers:
             name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
-        response.headers = headers
-        response.raw = Body(self, key, sock, answer, empty=method == "HEAD")
-        response.url = request.url or ""
-        response.request = request
-        response.connection = self  # type: ignore[assignment]
+        response = _response(self, request, answer.status, headers,
+                             Body(self, key, sock, answer, empty=method == "HEAD"))
         if not stream:
             response._content = response.raw.read()
         return response
@@ -398,4 +397,4 @@ class _Unanswered(Exception):
 
     def __init__(self, why: str, *, reset: bool = False, received: bool = False) -> None:
         super().__init__(why)
-        self.why, self.reset, self.received = why, reset, received
+        self.reset, self.received = reset, received
